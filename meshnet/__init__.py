@@ -1,0 +1,3 @@
+"""meshnet: Istio-compatible sidecar traffic interception."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from meshnet.cli import main
+
+main()

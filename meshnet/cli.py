@@ -1,0 +1,93 @@
+"""The `meshnet` command line: Istio's flags, short letters, env variables and exit codes.
+
+Exit codes follow istio-iptables: 0 ok, 1 error, 126 validation failed, 255 usage error (an
+unknown flag or a value click cannot parse). Rules and results go to stdout, logs to stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import click
+
+from meshnet import logs
+from meshnet.errors import MeshnetError
+from meshnet.flags import ENV_ONLY, EXTENSIONS, ISTIO_FLAGS, LOG_FLAGS, Flag
+
+USAGE_EXIT = 255  # cobra's usage errors end in os.Exit(-1)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _help(flag: Flag) -> str:
+    envs = ", ".join(f"${name}" for name in (flag.env, flag.alias_env) if name)
+    notes = [f"env {envs}" if envs else "no env variable"]
+    if flag.default:
+        notes.append(f"default {flag.default!r}")
+    return f"{flag.help} [{'; '.join(notes)}]"
+
+
+def _option(flag: Flag) -> Callable[[F], F]:
+    names = [n for n in (flag.short, flag.long) if n]
+    if flag.kind == "bool":
+        # pflag bools take `--flag` or `--flag=false`; click's optional value does the same.
+        return click.option(*names, flag.key, is_flag=False, flag_value="true", default=None,
+                            metavar="[=BOOL]", help=_help(flag))
+    return click.option(*names, flag.key, default=None, metavar="TEXT", help=_help(flag))
+
+
+def istio_flags(func: F) -> F:
+    """Attach every istio-iptables flag, meshnet extension and logging flag to a command."""
+    for flag in reversed(ISTIO_FLAGS + EXTENSIONS + LOG_FLAGS):
+        func = _option(flag)(func)
+    return func
+
+
+_ENV_ONLY_HELP = "\b\nEnv-only options: " + ", ".join(
+    f"${f.env} (default {f.default!r})" for f in ENV_ONLY
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="meshnet")
+def cli() -> None:
+    """meshnet: Istio-compatible sidecar traffic interception."""
+
+
+@cli.command("istio-iptables", epilog=_ENV_ONLY_HELP)
+@istio_flags
+def istio_iptables(**given: str | None) -> None:
+    """Plan and apply the sidecar's rules (drop-in for `pilot-agent istio-iptables`)."""
+    from meshnet.run import run_istio_iptables
+
+    run_istio_iptables(given, os.environ)
+
+
+def _configure_logs_early(argv: list[str], environ: Mapping[str, str]) -> None:
+    """Errors before option parsing still need a logger; honour the obvious JSON switches."""
+    as_json = any(a in ("--log_as_json", "--log-format=json") for a in argv)
+    as_json = as_json or environ.get("MESHNET_LOG_FORMAT") == "json"
+    logs.configure("json" if as_json else "text")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    _configure_logs_early(args, os.environ)
+    try:
+        cli.main(args=args, prog_name="meshnet", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.UsageError as err:
+        click.echo(f"Error: {err.format_message()}", err=True)
+        if err.ctx is not None:
+            click.echo(f"Run '{err.ctx.command_path} --help' for usage.", err=True)
+        sys.exit(USAGE_EXIT)
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(1)
+    except MeshnetError as err:
+        logs.get().error(str(err))
+        sys.exit(err.exit_code)
+    sys.exit(0)

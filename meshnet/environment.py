@@ -1,0 +1,164 @@
+"""Facts read from the running system: user and group lookup, interface addresses, resolv.conf.
+
+Everything that Istio derives at run time (SPEC-istio §1.4) is read here and nowhere else, so the
+option builder and the planner stay pure and tests can inject a fake `System`.
+"""
+
+from __future__ import annotations
+
+import grp
+import ipaddress
+import pwd
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Protocol
+
+from meshnet.errors import EnvironmentFactError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class System(Protocol):
+    """What the option builder may ask of the machine."""
+
+    def user_id(self, name: str) -> int | None: ...
+
+    def group_exists(self, name: str) -> bool: ...
+
+    def interface_addresses(self) -> list[IPAddress]: ...
+
+    def read_text(self, path: str) -> str: ...
+
+
+class HostSystem:
+    """The real machine (in the current network namespace)."""
+
+    def user_id(self, name: str) -> int | None:
+        try:
+            return pwd.getpwnam(name).pw_uid
+        except KeyError:
+            return None
+
+    def group_exists(self, name: str) -> bool:
+        try:
+            grp.getgrnam(name)
+        except KeyError:
+            return False
+        return True
+
+    def interface_addresses(self) -> list[IPAddress]:
+        return netlink_addresses()
+
+    def read_text(self, path: str) -> str:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                return handle.read()
+        except OSError as err:
+            raise EnvironmentFactError(f"failed to load {path}: {err.strerror}") from err
+
+
+@dataclass(frozen=True, slots=True)
+class IpDetection:
+    host_ip: IPAddress
+    ipv6: bool
+
+
+def detect_ip(addresses: list[IPAddress], dual_stack: bool) -> IpDetection:
+    """Istio's getLocalIP: the first usable address decides, or with dual stack any IPv6 one."""
+    usable = [addr for addr in (_unmap(a) for a in addresses) if _usable(addr)]
+    if not usable:
+        raise EnvironmentFactError(
+            "no valid local IP address found (pass --enable-ipv6 true|false to skip detection)"
+        )
+    if not dual_stack:
+        return IpDetection(usable[0], usable[0].version == 6)
+    first_v6 = next((addr for addr in usable if addr.version == 6), None)
+    return IpDetection(usable[0], first_v6 is not None)
+
+
+def parse_resolv_conf(text: str) -> list[IPAddress]:
+    """`nameserver` entries in canonical form; unparseable entries are dropped, as Istio does."""
+    servers: list[IPAddress] = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            try:
+                servers.append(_unmap(ipaddress.ip_address(fields[1])))
+            except ValueError:
+                continue
+    return servers
+
+
+def _unmap(addr: IPAddress) -> IPAddress:
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def _usable(addr: IPAddress) -> bool:
+    return not (addr.is_loopback or addr.is_link_local or _is_link_local_multicast(addr))
+
+
+def _is_link_local_multicast(addr: IPAddress) -> bool:
+    if addr.version == 4:
+        return addr in ipaddress.ip_network("224.0.0.0/24")
+    return addr in ipaddress.ip_network("ff02::/16")
+
+
+# --- a minimal rtnetlink RTM_GETADDR dump (pyroute2 costs ~300 ms to import) -----------------
+
+_RTM_GETADDR = 22
+_NLM_F_REQUEST_DUMP = 0x1 | 0x300
+_NLMSG_DONE = 3
+_NLMSG_ERROR = 2
+_IFA_ADDRESS = 1
+_IFA_LOCAL = 2
+
+
+def netlink_addresses() -> list[IPAddress]:
+    """All interface addresses in kernel order (IPv4 first), like Go's net.InterfaceAddrs."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        request = struct.pack("=LHHLL", 24, _RTM_GETADDR, _NLM_F_REQUEST_DUMP, 1, 0)
+        sock.sendto(request + struct.pack("=BBBBL", socket.AF_UNSPEC, 0, 0, 0, 0), (0, 0))
+        addresses: list[IPAddress] = []
+        while True:
+            data = sock.recv(65536)
+            done, found = _parse_addr_messages(data)
+            addresses.extend(found)
+            if done:
+                return addresses
+
+
+def _parse_addr_messages(data: bytes) -> tuple[bool, list[IPAddress]]:
+    found: list[IPAddress] = []
+    offset = 0
+    while offset + 16 <= len(data):
+        length, msg_type = struct.unpack_from("=LH", data, offset)
+        if msg_type == _NLMSG_DONE:
+            return True, found
+        if msg_type == _NLMSG_ERROR:
+            raise EnvironmentFactError("netlink address dump failed")
+        address = _address_of(data[offset + 16 : offset + length])
+        if address is not None:
+            found.append(address)
+        offset += (length + 3) & ~3
+    return False, found
+
+
+def _address_of(payload: bytes) -> IPAddress | None:
+    family = payload[0]
+    attrs: dict[int, bytes] = {}
+    offset = 8  # struct ifaddrmsg
+    while offset + 4 <= len(payload):
+        attr_len, attr_type = struct.unpack_from("=HH", payload, offset)
+        if attr_len < 4:
+            break
+        attrs[attr_type] = payload[offset + 4 : offset + attr_len]
+        offset += (attr_len + 3) & ~3
+    # Go prefers IFA_LOCAL for IPv4 (it differs from IFA_ADDRESS on point-to-point links).
+    raw = attrs.get(_IFA_LOCAL) if family == socket.AF_INET else None
+    raw = raw or attrs.get(_IFA_ADDRESS)
+    if raw is None or family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    return ipaddress.ip_address(raw)

@@ -1,0 +1,1 @@
+"""Renderers: a Ruleset in, text out. They never decide policy."""

@@ -1,0 +1,51 @@
+"""iptables-restore input, built exactly as Istio's buildRestore does (SPEC-istio §3.1)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from meshnet.model import BUILTIN_CHAINS, TABLES, Rule, Ruleset
+
+
+def declared_chains(rules: Sequence[Rule]) -> dict[str, list[str]]:
+    """Per table, the `-N` chains in Istio's order: rule chains first, then jump targets."""
+    seen: set[tuple[str, str]] = set()
+    chains: dict[str, list[str]] = {}
+    for rule in rules:  # first pass: chains that hold rules
+        _declare(rule.chain, rule.table, seen, chains)
+    for rule in rules:  # second pass: bare jump targets not seen yet
+        target = rule.jump_chain
+        if target is not None:
+            _declare(target, rule.table, seen, chains)
+    return chains
+
+
+def _declare(
+    chain: str, table: str, seen: set[tuple[str, str]], chains: dict[str, list[str]]
+) -> None:
+    if (chain, table) in seen:
+        return
+    seen.add((chain, table))
+    if chain not in BUILTIN_CHAINS:
+        chains.setdefault(table, []).append(chain)
+
+
+def restore_lines(rules: Sequence[Rule]) -> list[str]:
+    """One family's restore input as lines: tables sorted, `* <table>`, -N, rules, COMMIT."""
+    chains = declared_chains(rules)
+    lines: list[str] = []
+    for table in TABLES:  # already in sorted order: filter, mangle, nat, raw
+        body = [f"-N {chain}" for chain in chains.get(table, [])]
+        body += [rule.line() for rule in rules if rule.table == table]
+        if body:
+            lines += [f"* {table}", *body, "COMMIT"]
+    return lines
+
+
+def render(ruleset: Ruleset) -> str:
+    """meshnet's `restore` format: one block per family, each introduced by `# ipv4`/`# ipv6`."""
+    lines: list[str] = []
+    for family in ruleset.families():
+        lines.append(f"# {family}")
+        lines += restore_lines(ruleset.rules(family))
+    return "\n".join(lines) + "\n"
