@@ -33,8 +33,15 @@ def _option(flag: Flag) -> Callable[[F], F]:
     names = [n for n in (flag.short, flag.long) if n]
     if flag.kind == "bool":
         # pflag bools take `--flag` or `--flag=false`; click's optional value does the same.
-        return click.option(*names, flag.key, is_flag=False, flag_value="true", default=None,
-                            metavar="[=BOOL]", help=_help(flag))
+        return click.option(
+            *names,
+            flag.key,
+            is_flag=False,
+            flag_value="true",
+            default=None,
+            metavar="[=BOOL]",
+            help=_help(flag),
+        )
     return click.option(*names, flag.key, default=None, metavar="TEXT", help=_help(flag))
 
 

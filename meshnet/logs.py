@@ -7,9 +7,15 @@ import sys
 
 import structlog
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
-           "warning": logging.WARNING, "error": logging.ERROR, "fatal": logging.CRITICAL,
-           "none": logging.CRITICAL + 10}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "fatal": logging.CRITICAL,
+    "none": logging.CRITICAL + 10,
+}
 
 
 def level_of(istio_level: str) -> int:

@@ -318,13 +318,15 @@ def _prefix(text: str, fail: _Fail) -> str:
     """netip.ParsePrefix + String(): host bits kept, IPv6 canonical; Python is laxer, so check."""
     address, slash, bits = text.partition("/")
     if not slash:
-        raise fail(f'"{text}" is not a CIDR: no \'/\' (expected ADDRESS/BITS, e.g. 10.0.0.0/8)')
+        raise fail(f"\"{text}\" is not a CIDR: no '/' (expected ADDRESS/BITS, e.g. 10.0.0.0/8)")
     try:
         parsed = ipaddress.ip_address(address)
     except ValueError as err:
         raise fail(f'"{text}" is not a CIDR: {err}') from err
-    if not (bits.isascii() and bits.isdigit()) or int(bits) > parsed.max_prefixlen or (
-        len(bits) > 1 and bits[0] == "0"
+    if (
+        not (bits.isascii() and bits.isdigit())
+        or int(bits) > parsed.max_prefixlen
+        or (len(bits) > 1 and bits[0] == "0")
     ):
         raise fail(f'"{text}" is not a CIDR: bad prefix length "{bits}"')
     return f"{parsed}/{int(bits)}"
@@ -359,7 +361,9 @@ def _ids(raw: Raw, system: System, *, user: bool) -> tuple[str, ...]:
             continue
         known = system.user_id(item) is not None if user else system.group_exists(item)
         if not known:
-            raise OptionError(f'invalid value "{raw.text}" for {raw.origin}: unknown {kind} "{item}"')
+            raise OptionError(
+                f'invalid value "{raw.text}" for {raw.origin}: unknown {kind} "{item}"'
+            )
     return tuple(ids)
 
 

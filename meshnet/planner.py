@@ -37,22 +37,26 @@ class _Builder:
     v4: list[Rule] = field(default_factory=list)
     v6: list[Rule] = field(default_factory=list)
 
-    def v4_rule(self, table: str, chain: str, spec: Sequence[str], why: str,
-                at: int | None = None) -> None:
+    def v4_rule(
+        self, table: str, chain: str, spec: Sequence[str], why: str, at: int | None = None
+    ) -> None:
         self.v4.append(Rule(table, chain, tuple(spec), why, at))
 
-    def v6_rule(self, table: str, chain: str, spec: Sequence[str], why: str,
-                at: int | None = None) -> None:
+    def v6_rule(
+        self, table: str, chain: str, spec: Sequence[str], why: str, at: int | None = None
+    ) -> None:
         if self.ipv6:
             self.v6.append(Rule(table, chain, tuple(spec), why, at))
 
-    def both(self, table: str, chain: str, spec: Sequence[str], why: str,
-             at: int | None = None) -> None:
+    def both(
+        self, table: str, chain: str, spec: Sequence[str], why: str, at: int | None = None
+    ) -> None:
         self.v4_rule(table, chain, spec, why, at)
         self.v6_rule(table, chain, spec, why, at)
 
-    def versioned(self, table: str, chain: str, v4: Sequence[str], v6: Sequence[str],
-                  why: str) -> None:
+    def versioned(
+        self, table: str, chain: str, v4: Sequence[str], v6: Sequence[str], why: str
+    ) -> None:
         self.v4_rule(table, chain, v4, why)
         self.v6_rule(table, chain, v6, why)
 
@@ -104,27 +108,47 @@ def _exclude_interfaces(b: _Builder, c: _Context) -> None:
 def _kube_virt_interfaces(b: _Builder, c: _Context) -> None:
     """B: traffic from KubeVirt interfaces skips inbound capture (it is handled as outbound)."""
     for nic in c.o.kube_virt_interfaces:
-        b.both("nat", "PREROUTING", ("-i", nic, "-j", "RETURN"),
-               "virtual interface (-k): not inbound traffic", at=1)
+        b.both(
+            "nat",
+            "PREROUTING",
+            ("-i", nic, "-j", "RETURN"),
+            "virtual interface (-k): not inbound traffic",
+            at=1,
+        )
 
 
 def _drop_invalid(b: _Builder, c: _Context) -> None:
     """C: drop packets conntrack cannot place (they would bypass the NAT of their flow)."""
     if c.o.drop_invalid:
-        b.both("mangle", "PREROUTING", ("-m", "conntrack", "--ctstate", "INVALID", "-j", DROP),
-               "--drop-invalid: conntrack state INVALID is dropped")
+        b.both(
+            "mangle",
+            "PREROUTING",
+            ("-m", "conntrack", "--ctstate", "INVALID", "-j", DROP),
+            "--drop-invalid: conntrack state INVALID is dropped",
+        )
         b.both("mangle", DROP, ("-j", "DROP"), "--drop-invalid: the drop itself")
 
 
 def _base_chains(b: _Builder, c: _Context) -> None:
     """D-F: the tunnel port is never captured inbound; the two REDIRECT targets."""
-    b.both("nat", INBOUND, ("-p", "tcp", "--dport", c.tunnel, "-j", "RETURN"),
-           "inbound tunnel port (-e) is never captured")
-    b.both("nat", REDIRECT, ("-p", "tcp", "-j", "REDIRECT", "--to-ports", str(c.o.proxy_port)),
-           "outbound capture: send to the proxy's outbound port (-p)")
-    b.both("nat", IN_REDIRECT,
-           ("-p", "tcp", "-j", "REDIRECT", "--to-ports", str(c.o.inbound_capture_port)),
-           "inbound capture: send to the proxy's inbound port (-z)")
+    b.both(
+        "nat",
+        INBOUND,
+        ("-p", "tcp", "--dport", c.tunnel, "-j", "RETURN"),
+        "inbound tunnel port (-e) is never captured",
+    )
+    b.both(
+        "nat",
+        REDIRECT,
+        ("-p", "tcp", "-j", "REDIRECT", "--to-ports", str(c.o.proxy_port)),
+        "outbound capture: send to the proxy's outbound port (-p)",
+    )
+    b.both(
+        "nat",
+        IN_REDIRECT,
+        ("-p", "tcp", "-j", "REDIRECT", "--to-ports", str(c.o.inbound_capture_port)),
+        "inbound capture: send to the proxy's inbound port (-z)",
+    )
 
 
 def _inbound(b: _Builder, c: _Context) -> None:
@@ -139,36 +163,78 @@ def _inbound(b: _Builder, c: _Context) -> None:
     b.both(table, "PREROUTING", ("-p", "tcp", "-j", INBOUND), "inbound TCP enters ISTIO_INBOUND")
     if o.inbound_ports.wildcard:
         for port in o.local_exclude_ports:
-            b.both(table, INBOUND, ("-p", "tcp", "--dport", str(port), "-j", "RETURN"),
-                   "inbound port excluded by -d")
+            b.both(
+                table,
+                INBOUND,
+                ("-p", "tcp", "--dport", str(port), "-j", "RETURN"),
+                "inbound port excluded by -d",
+            )
         _capture_inbound(b, c, ())
     else:
-        for port in o.inbound_ports.items:
-            _capture_inbound(b, c, ("--dport", port))
+        for included in o.inbound_ports.items:
+            _capture_inbound(b, c, ("--dport", included))
 
 
 def _tproxy_chains(b: _Builder, c: _Context) -> None:
     mark = str(c.o.tproxy_mark)
-    b.both("mangle", DIVERT, ("-j", "MARK", "--set-mark", mark),
-           "TPROXY: mark packets of established inbound flows")
+    b.both(
+        "mangle",
+        DIVERT,
+        ("-j", "MARK", "--set-mark", mark),
+        "TPROXY: mark packets of established inbound flows",
+    )
     b.both("mangle", DIVERT, ("-j", "ACCEPT"), "TPROXY: established inbound flows pass")
-    tproxy = ("-p", "tcp", "-j", "TPROXY", "--tproxy-mark", f"{mark}/0xffffffff",
-              "--on-port", str(c.o.inbound_capture_port))
-    b.versioned("mangle", TPROXY, ("!", "-d", c.lb4, *tproxy), ("!", "-d", LB6, *tproxy),
-                "TPROXY: deliver inbound TCP to the proxy's inbound port, source kept")
+    tproxy = (
+        "-p",
+        "tcp",
+        "-j",
+        "TPROXY",
+        "--tproxy-mark",
+        f"{mark}/0xffffffff",
+        "--on-port",
+        str(c.o.inbound_capture_port),
+    )
+    b.versioned(
+        "mangle",
+        TPROXY,
+        ("!", "-d", c.lb4, *tproxy),
+        ("!", "-d", LB6, *tproxy),
+        "TPROXY: deliver inbound TCP to the proxy's inbound port, source kept",
+    )
 
 
 def _capture_inbound(b: _Builder, c: _Context, port: tuple[str, ...]) -> None:
     which = f"port {port[1]}" if port else "every port"
     if c.o.tproxy:
-        b.both("mangle", INBOUND,
-               ("-p", "tcp", *port, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED",
-                "-j", DIVERT), f"TPROXY: established inbound flow on {which} is marked")
-        b.both("mangle", INBOUND, ("-p", "tcp", *port, "-j", TPROXY),
-               f"TPROXY: new inbound connection on {which} is captured")
+        b.both(
+            "mangle",
+            INBOUND,
+            (
+                "-p",
+                "tcp",
+                *port,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "RELATED,ESTABLISHED",
+                "-j",
+                DIVERT,
+            ),
+            f"TPROXY: established inbound flow on {which} is marked",
+        )
+        b.both(
+            "mangle",
+            INBOUND,
+            ("-p", "tcp", *port, "-j", TPROXY),
+            f"TPROXY: new inbound connection on {which} is captured",
+        )
     else:
-        b.both("nat", INBOUND, ("-p", "tcp", *port, "-j", IN_REDIRECT),
-               f"inbound TCP on {which} is captured")
+        b.both(
+            "nat",
+            INBOUND,
+            ("-p", "tcp", *port, "-j", IN_REDIRECT),
+            f"inbound TCP on {which} is captured",
+        )
 
 
 def _output_jump(b: _Builder, c: _Context) -> None:
@@ -180,15 +246,23 @@ def _outbound_port_excludes(b: _Builder, c: _Context) -> None:
     """I: -o ports are never captured, TCP or UDP."""
     for port in c.o.outbound_ports_exclude:
         for proto in ("tcp", "udp"):
-            b.both("nat", OUTPUT, ("-p", proto, "--dport", str(port), "-j", "RETURN"),
-                   "outbound port excluded by -o")
+            b.both(
+                "nat",
+                OUTPUT,
+                ("-p", proto, "--dport", str(port), "-j", "RETURN"),
+                "outbound port excluded by -o",
+            )
 
 
 def _passthrough_source(b: _Builder, c: _Context) -> None:
     """J: the proxy's inbound passthrough source (127.0.0.6 / ::6) is never recaptured."""
-    b.versioned("nat", OUTPUT, ("-o", "lo", "-s", "127.0.0.6/32", "-j", "RETURN"),
-                ("-o", "lo", "-s", "::6/128", "-j", "RETURN"),
-                "inbound passthrough traffic from the proxy (source 127.0.0.6/::6)")
+    b.versioned(
+        "nat",
+        OUTPUT,
+        ("-o", "lo", "-s", "127.0.0.6/32", "-j", "RETURN"),
+        ("-o", "lo", "-s", "::6/128", "-j", "RETURN"),
+        "inbound passthrough traffic from the proxy (source 127.0.0.6/::6)",
+    )
 
 
 def _proxy_owners(b: _Builder, c: _Context) -> None:
@@ -206,18 +280,40 @@ def _owner_rules(b: _Builder, c: _Context, match: str, owner: str, multiport_dns
     else:
         ports = ("!", "--dport", c.tunnel)
     tail = ("-p", "tcp", *ports, "-m", "owner", match, owner, "-j", IN_REDIRECT)
-    b.versioned("nat", OUTPUT, ("-o", "lo", "!", "-d", c.lb4, *tail),
-                ("-o", "lo", "!", "-d", LB6, *tail),
-                f"proxy ({match[2:5]} {owner}) to a local non-loopback address goes inbound")
+    b.versioned(
+        "nat",
+        OUTPUT,
+        ("-o", "lo", "!", "-d", c.lb4, *tail),
+        ("-o", "lo", "!", "-d", LB6, *tail),
+        f"proxy ({match[2:5]} {owner}) to a local non-loopback address goes inbound",
+    )
     if not c.o.service_cidr.has_loopback():
         if c.redirect_dns:
-            spec: tuple[str, ...] = ("-o", "lo", "-p", "tcp", "!", "--dport", DNS_PORT,
-                                     "-m", "owner", "!", match, owner, "-j", "RETURN")
+            spec: tuple[str, ...] = (
+                "-o",
+                "lo",
+                "-p",
+                "tcp",
+                "!",
+                "--dport",
+                DNS_PORT,
+                "-m",
+                "owner",
+                "!",
+                match,
+                owner,
+                "-j",
+                "RETURN",
+            )
         else:
             spec = ("-o", "lo", "-m", "owner", "!", match, owner, "-j", "RETURN")
         b.both("nat", OUTPUT, spec, f"app traffic over lo is not captured (not {owner})")
-    b.both("nat", OUTPUT, ("-m", "owner", match, owner, "-j", "RETURN"),
-           f"the proxy's own outbound traffic ({match[2:5]} {owner}) is not captured")
+    b.both(
+        "nat",
+        OUTPUT,
+        ("-m", "owner", match, owner, "-j", "RETURN"),
+        f"the proxy's own outbound traffic ({match[2:5]} {owner}) is not captured",
+    )
 
 
 def _owner_groups(b: _Builder, c: _Context) -> None:
@@ -225,14 +321,22 @@ def _owner_groups(b: _Builder, c: _Context) -> None:
     include = c.o.owner_groups_include
     if include.wildcard:
         for gid in c.o.owner_groups_exclude:
-            b.both("nat", OUTPUT, ("-m", "owner", "--gid-owner", gid, "-j", "RETURN"),
-                   "owner group excluded by ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE")
+            b.both(
+                "nat",
+                OUTPUT,
+                ("-m", "owner", "--gid-owner", gid, "-j", "RETURN"),
+                "owner group excluded by ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
+            )
         return
     spec: list[str] = []
     for gid in include.items:
         spec += ["-m", "owner", "!", "--gid-owner", gid]
-    b.both("nat", OUTPUT, (*spec, "-j", "RETURN"),
-           "only groups in ISTIO_OUTBOUND_OWNER_GROUPS are captured")
+    b.both(
+        "nat",
+        OUTPUT,
+        (*spec, "-j", "RETURN"),
+        "only groups in ISTIO_OUTBOUND_OWNER_GROUPS are captured",
+    )
 
 
 def _dns(b: _Builder, c: _Context) -> None:
@@ -249,17 +353,27 @@ def _dns(b: _Builder, c: _Context) -> None:
     for proto, to in (("tcp", "--to-ports"), ("udp", "--to-port")):  # sic: Istio's spelling
         redirect = ("-j", "REDIRECT", to, DNS_PROXY_PORT)
         if o.capture_all_dns:
-            b.both("nat", OUTPUT_DNS, ("-p", proto, "--dport", DNS_PORT, *redirect),
-                   f"DNS over {proto} to any server goes to the proxy")
+            b.both(
+                "nat",
+                OUTPUT_DNS,
+                ("-p", proto, "--dport", DNS_PORT, *redirect),
+                f"DNS over {proto} to any server goes to the proxy",
+            )
             continue
         for server in o.dns_servers_v4:
-            b.v4_rule("nat", OUTPUT_DNS,
-                      ("-p", proto, "--dport", DNS_PORT, "-d", f"{server}/32", *redirect),
-                      f"DNS over {proto} to {server} goes to the proxy")
+            b.v4_rule(
+                "nat",
+                OUTPUT_DNS,
+                ("-p", proto, "--dport", DNS_PORT, "-d", f"{server}/32", *redirect),
+                f"DNS over {proto} to {server} goes to the proxy",
+            )
         for server in o.dns_servers_v6:
-            b.v6_rule("nat", OUTPUT_DNS,
-                      ("-p", proto, "--dport", DNS_PORT, "-d", f"{server}/128", *redirect),
-                      f"DNS over {proto} to {server} goes to the proxy")
+            b.v6_rule(
+                "nat",
+                OUTPUT_DNS,
+                ("-p", proto, "--dport", DNS_PORT, "-d", f"{server}/128", *redirect),
+                f"DNS over {proto} to {server} goes to the proxy",
+            )
     _dns_zones(b, c)
 
 
@@ -267,36 +381,111 @@ def _dns_zones(b: _Builder, c: _Context) -> None:
     o = c.o
     owners = [("--uid-owner", u) for u in o.proxy_uids] + [("--gid-owner", g) for g in o.proxy_gids]
     for match, owner in owners:
-        b.both("raw", OUTPUT_DNS,
-               ("-p", "udp", "--dport", DNS_PORT, "-m", "owner", match, owner, "-j", "CT",
-                "--zone", "1"), "the proxy's upstream DNS queries use conntrack zone 1")
-        b.both("raw", OUTPUT_DNS,
-               ("-p", "udp", "--sport", DNS_PROXY_PORT, "-m", "owner", match, owner, "-j", "CT",
-                "--zone", "2"), "the proxy's DNS answers to the app use conntrack zone 2")
+        b.both(
+            "raw",
+            OUTPUT_DNS,
+            (
+                "-p",
+                "udp",
+                "--dport",
+                DNS_PORT,
+                "-m",
+                "owner",
+                match,
+                owner,
+                "-j",
+                "CT",
+                "--zone",
+                "1",
+            ),
+            "the proxy's upstream DNS queries use conntrack zone 1",
+        )
+        b.both(
+            "raw",
+            OUTPUT_DNS,
+            (
+                "-p",
+                "udp",
+                "--sport",
+                DNS_PROXY_PORT,
+                "-m",
+                "owner",
+                match,
+                owner,
+                "-j",
+                "CT",
+                "--zone",
+                "2",
+            ),
+            "the proxy's DNS answers to the app use conntrack zone 2",
+        )
     if o.capture_all_dns:
         b.both("raw", "PREROUTING", ("-j", INBOUND), "DNS answers enter the raw inbound chain")
-        b.both("raw", OUTPUT_DNS, ("-p", "udp", "--dport", DNS_PORT, "-j", "CT", "--zone", "2"),
-               "the app's DNS queries use conntrack zone 2")
-        b.both("raw", INBOUND, ("-p", "udp", "--sport", DNS_PORT, "-j", "CT", "--zone", "1"),
-               "upstream DNS answers use conntrack zone 1")
+        b.both(
+            "raw",
+            OUTPUT_DNS,
+            ("-p", "udp", "--dport", DNS_PORT, "-j", "CT", "--zone", "2"),
+            "the app's DNS queries use conntrack zone 2",
+        )
+        b.both(
+            "raw",
+            INBOUND,
+            ("-p", "udp", "--sport", DNS_PORT, "-j", "CT", "--zone", "1"),
+            "upstream DNS answers use conntrack zone 1",
+        )
         return
-    for servers, rule, bits in ((o.dns_servers_v4, b.v4_rule, "32"),
-                                (o.dns_servers_v6, b.v6_rule, "128")):
+    for servers, rule, bits in (
+        (o.dns_servers_v4, b.v4_rule, "32"),
+        (o.dns_servers_v6, b.v6_rule, "128"),
+    ):
         if servers:
             rule("raw", "PREROUTING", ("-j", INBOUND), "DNS answers enter the raw inbound chain")
         for server in servers:
-            rule("raw", OUTPUT_DNS, ("-p", "udp", "--dport", DNS_PORT, "-d", f"{server}/{bits}",
-                                     "-j", "CT", "--zone", "2"),
-                 f"the app's DNS queries to {server} use conntrack zone 2")
-            rule("raw", INBOUND, ("-p", "udp", "--sport", DNS_PORT, "-s", f"{server}/{bits}",
-                                  "-j", "CT", "--zone", "1"),
-                 f"DNS answers from {server} use conntrack zone 1")
+            rule(
+                "raw",
+                OUTPUT_DNS,
+                (
+                    "-p",
+                    "udp",
+                    "--dport",
+                    DNS_PORT,
+                    "-d",
+                    f"{server}/{bits}",
+                    "-j",
+                    "CT",
+                    "--zone",
+                    "2",
+                ),
+                f"the app's DNS queries to {server} use conntrack zone 2",
+            )
+            rule(
+                "raw",
+                INBOUND,
+                (
+                    "-p",
+                    "udp",
+                    "--sport",
+                    DNS_PORT,
+                    "-s",
+                    f"{server}/{bits}",
+                    "-j",
+                    "CT",
+                    "--zone",
+                    "1",
+                ),
+                f"DNS answers from {server} use conntrack zone 1",
+            )
 
 
 def _loopback_return(b: _Builder, c: _Context) -> None:
     """O: traffic to the loopback address itself is never captured."""
-    b.versioned("nat", OUTPUT, ("-d", c.lb4, "-j", "RETURN"), ("-d", LB6, "-j", "RETURN"),
-                "traffic to loopback is not captured")
+    b.versioned(
+        "nat",
+        OUTPUT,
+        ("-d", c.lb4, "-j", "RETURN"),
+        ("-d", LB6, "-j", "RETURN"),
+        "traffic to loopback is not captured",
+    )
 
 
 def _outbound_cidr_excludes(b: _Builder, c: _Context) -> None:
@@ -310,8 +499,12 @@ def _outbound_cidr_excludes(b: _Builder, c: _Context) -> None:
 def _outbound_ports(b: _Builder, c: _Context) -> None:
     """Q: -q ports are always captured, whatever the destination."""
     for port in c.o.outbound_ports:
-        b.both("nat", OUTPUT, ("-p", "tcp", "--dport", str(port), "-j", REDIRECT),
-               f"outbound TCP port {port} is always captured (-q)")
+        b.both(
+            "nat",
+            OUTPUT,
+            ("-p", "tcp", "--dport", str(port), "-j", REDIRECT),
+            f"outbound TCP port {port} is always captured (-q)",
+        )
 
 
 def _outbound_include(b: _Builder, c: _Context) -> None:
@@ -321,14 +514,26 @@ def _outbound_include(b: _Builder, c: _Context) -> None:
         if cidrs.wildcard:
             rule("nat", OUTPUT, ("-j", REDIRECT), "all other outbound traffic is captured (-i '*')")
             for nic in c.o.kube_virt_interfaces:
-                rule("nat", "PREROUTING", ("-i", nic, "-j", REDIRECT),
-                     f"traffic from virtual interface {nic} is captured as outbound", at=1)
+                rule(
+                    "nat",
+                    "PREROUTING",
+                    ("-i", nic, "-j", REDIRECT),
+                    f"traffic from virtual interface {nic} is captured as outbound",
+                    at=1,
+                )
             continue
         for cidr in items:
             for nic in c.o.kube_virt_interfaces:
-                rule("nat", "PREROUTING", ("-i", nic, "-d", cidr, "-j", REDIRECT),
-                     f"traffic from virtual interface {nic} to {cidr} is captured", at=1)
-            rule("nat", OUTPUT, ("-d", cidr, "-j", REDIRECT), f"outbound to {cidr} is captured (-i)")
+                rule(
+                    "nat",
+                    "PREROUTING",
+                    ("-i", nic, "-d", cidr, "-j", REDIRECT),
+                    f"traffic from virtual interface {nic} to {cidr} is captured",
+                    at=1,
+                )
+            rule(
+                "nat", OUTPUT, ("-d", cidr, "-j", REDIRECT), f"outbound to {cidr} is captured (-i)"
+            )
 
 
 def _tproxy_extras(b: _Builder, c: _Context) -> None:
@@ -336,28 +541,69 @@ def _tproxy_extras(b: _Builder, c: _Context) -> None:
     if not c.o.tproxy:
         return
     mark = str(c.o.tproxy_mark)
-    b.both("mangle", "PREROUTING",
-           ("-p", "tcp", "-m", "mark", "--mark", mark, "-j", "CONNMARK", "--save-mark"),
-           "TPROXY: remember the mark on the connection")
-    b.both("mangle", "OUTPUT", ("-p", "tcp", "-o", "lo", "-m", "mark", "--mark", mark,
-                                "-j", "RETURN"), "TPROXY: marked loopback traffic passes")
+    b.both(
+        "mangle",
+        "PREROUTING",
+        ("-p", "tcp", "-m", "mark", "--mark", mark, "-j", "CONNMARK", "--save-mark"),
+        "TPROXY: remember the mark on the connection",
+    )
+    b.both(
+        "mangle",
+        "OUTPUT",
+        ("-p", "tcp", "-o", "lo", "-m", "mark", "--mark", mark, "-j", "RETURN"),
+        "TPROXY: marked loopback traffic passes",
+    )
     for match, owners in (("--uid-owner", c.o.proxy_uids), ("--gid-owner", c.o.proxy_gids)):
         for owner in owners:
-            tail = ("-p", "tcp", "-o", "lo", "-m", "owner", match, owner,
-                    "-j", "MARK", "--set-mark", OUTBOUND_MARK)
-            b.versioned("mangle", "OUTPUT", ("!", "-d", c.lb4, *tail), ("!", "-d", LB6, *tail),
-                        "TPROXY: the proxy's traffic to local addresses is marked 1338")
-    b.both("mangle", "OUTPUT", ("-p", "tcp", "-m", "connmark", "--mark", mark,
-                                "-j", "CONNMARK", "--restore-mark"),
-           "TPROXY: replies of captured connections get the mark back")
-    b.both("mangle", INBOUND, ("-p", "tcp", "-m", "mark", "--mark", mark, "-j", "RETURN"),
-           "TPROXY: already-marked traffic is not captured again", at=1)
+            tail = (
+                "-p",
+                "tcp",
+                "-o",
+                "lo",
+                "-m",
+                "owner",
+                match,
+                owner,
+                "-j",
+                "MARK",
+                "--set-mark",
+                OUTBOUND_MARK,
+            )
+            b.versioned(
+                "mangle",
+                "OUTPUT",
+                ("!", "-d", c.lb4, *tail),
+                ("!", "-d", LB6, *tail),
+                "TPROXY: the proxy's traffic to local addresses is marked 1338",
+            )
+    b.both(
+        "mangle",
+        "OUTPUT",
+        ("-p", "tcp", "-m", "connmark", "--mark", mark, "-j", "CONNMARK", "--restore-mark"),
+        "TPROXY: replies of captured connections get the mark back",
+    )
+    b.both(
+        "mangle",
+        INBOUND,
+        ("-p", "tcp", "-m", "mark", "--mark", mark, "-j", "RETURN"),
+        "TPROXY: already-marked traffic is not captured again",
+        at=1,
+    )
     for source, rule in (("127.0.0.6/32", b.v4_rule), ("::6/128", b.v6_rule)):
-        rule("mangle", INBOUND, ("-p", "tcp", "-s", source, "-i", "lo", "-j", "RETURN"),
-             "TPROXY: the proxy's passthrough traffic is not captured", at=2)
-    b.both("mangle", INBOUND, ("-p", "tcp", "-i", "lo", "-m", "mark", "!", "--mark",
-                               OUTBOUND_MARK, "-j", "RETURN"),
-           "TPROXY: loopback traffic not marked by the proxy is not captured", at=3)
+        rule(
+            "mangle",
+            INBOUND,
+            ("-p", "tcp", "-s", source, "-i", "lo", "-j", "RETURN"),
+            "TPROXY: the proxy's passthrough traffic is not captured",
+            at=2,
+        )
+    b.both(
+        "mangle",
+        INBOUND,
+        ("-p", "tcp", "-i", "lo", "-m", "mark", "!", "--mark", OUTBOUND_MARK, "-j", "RETURN"),
+        "TPROXY: loopback traffic not marked by the proxy is not captured",
+        at=3,
+    )
 
 
 _STEPS = (

@@ -18,7 +18,9 @@ def render(ruleset: Ruleset, *, cleanup_only: bool = False) -> str:
     for family in ruleset.families():
         if cleanup_only:
             binary = _BINARY[family]
-            lines += [f"{binary} {' '.join(cmd)}" for cmd in cleanup_commands(ruleset.rules(family))]
+            lines += [
+                f"{binary} {' '.join(cmd)}" for cmd in cleanup_commands(ruleset.rules(family))
+            ]
         else:
             lines += restore_lines(ruleset.rules(family))
     lines += [f"{_BINARY[family]}-save" for family in ruleset.families()]  # final state dump

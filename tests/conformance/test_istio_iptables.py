@@ -1,0 +1,38 @@
+"""Istio's own goldens, byte for byte through the real CLI (SPEC.md §3)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import RAN
+from tests.support import IN_CI, conformance_dir, meshnet
+
+SUITE = conformance_dir() / "istio-iptables"
+
+
+def _cases() -> list[Any]:
+    index = SUITE / "cases.json"
+    if not index.is_file():
+        reason = f"conformance corpus not found at {SUITE} (set MESHNET_CONFORMANCE_DIR)"
+        return [pytest.param(None, marks=pytest.mark.skip(reason=reason), id="corpus-missing")]
+    cases = json.loads(index.read_text())
+    return [pytest.param(case, id=case["name"]) for case in cases]
+
+
+def test_corpus_is_present_in_ci() -> None:
+    if IN_CI:
+        assert (SUITE / "cases.json").is_file(), f"CI needs the conformance corpus at {SUITE}"
+
+
+@pytest.mark.parametrize("case", _cases())
+def test_istio_iptables_golden(case: dict[str, Any]) -> None:
+    args = [*case["args"], "--dry-run", "--output-format", "transcript"]
+    result = meshnet(["istio-iptables", *args], env=case["env"])
+    assert result.returncode == 0, result.stderr
+    golden = Path(SUITE, case["golden"]).read_text()
+    assert result.stdout.strip() == golden.strip()
+    RAN["istio-iptables"] = RAN.get("istio-iptables", 0) + 1
