@@ -72,6 +72,42 @@ def istio_iptables(**given: str | None) -> None:
     run_istio_iptables(given, os.environ)
 
 
+@cli.command("clean", epilog=_ENV_ONLY_HELP)
+@istio_flags
+def clean(**given: str | None) -> None:
+    """Remove exactly what the same flags install (= istio-iptables --cleanup-only)."""
+    from meshnet.run import run_clean
+
+    run_clean(given, os.environ)
+
+
+@cli.command("istio-clean-iptables", epilog=_ENV_ONLY_HELP, hidden=True)
+@istio_flags
+def istio_clean_iptables(**given: str | None) -> None:
+    """Alias of `meshnet clean` (Istio's removed istio-clean-iptables)."""
+    from meshnet.run import run_clean
+
+    run_clean(given, os.environ)
+
+
+@cli.command("verify", epilog=_ENV_ONLY_HELP)
+@istio_flags
+def verify(**given: str | None) -> None:
+    """Compare the live rules with the plan for these flags: exit 0 equal, 3 drifted."""
+    from meshnet.run import run_verify
+
+    sys.exit(run_verify(given, os.environ))
+
+
+@cli.command("validate", epilog=_ENV_ONLY_HELP)
+@istio_flags
+def validate(**given: str | None) -> None:
+    """Check that interception works, as istio-validation does (exit 126 when it does not)."""
+    from meshnet.run import run_validate
+
+    run_validate(given, os.environ)
+
+
 def _configure_logs_early(argv: list[str], environ: Mapping[str, str]) -> None:
     """Errors before option parsing still need a logger; honour the obvious JSON switches."""
     as_json = any(a in ("--log_as_json", "--log-format=json") for a in argv)
@@ -86,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=args, prog_name="meshnet", standalone_mode=False)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
+    except SystemExit:
+        raise
     except click.UsageError as err:
         click.echo(f"Error: {err.format_message()}", err=True)
         if err.ctx is not None:

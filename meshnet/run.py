@@ -1,12 +1,17 @@
-"""One istio-iptables run: options → plan → print (dry run) or apply."""
+"""The commands' flow: options → plan → print (dry run) or hand to the engine.
+
+`--network-namespace` is entered before anything else, so IPv6 detection, binary detection,
+rules and routes all see the pod's namespace (SPEC.md §4 item 3).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 
 import click
 
-from meshnet import logs, options, planner
+from meshnet import logs, netns, options, planner
 from meshnet.environment import HostSystem
 from meshnet.errors import MeshnetError
 from meshnet.model import Ruleset
@@ -14,11 +19,20 @@ from meshnet.options import Options
 from meshnet.render import jsonout, restore, transcript
 
 
-def load_options(given: Mapping[str, str | None], environ: Mapping[str, str]) -> Options:
+@contextmanager
+def prepared(
+    given: Mapping[str, str | None], environ: Mapping[str, str]
+) -> Iterator[tuple[Options, Ruleset]]:
+    """Enter the namespace (if any), then validate the options and plan, inside it."""
     raw = options.gather(given, environ)
-    opts = options.build(raw, HostSystem())
-    logs.configure(opts.log_format, opts.log_level)
-    return opts
+    namespace = raw["network_namespace"].text
+    with netns.entered(namespace) if namespace else nullcontext():
+        opts = options.build(raw, HostSystem())
+        logs.configure(opts.log_format, opts.log_level)
+        ruleset = planner.plan(opts)
+        for warning in ruleset.warnings:
+            logs.get().warning(warning)
+        yield opts, ruleset
 
 
 def render(opts: Options, ruleset: Ruleset) -> str:
@@ -30,17 +44,44 @@ def render(opts: Options, ruleset: Ruleset) -> str:
 
 
 def run_istio_iptables(given: Mapping[str, str | None], environ: Mapping[str, str]) -> None:
-    opts = load_options(given, environ)
-    log = logs.get()
-    if opts.native_nftables:
-        raise MeshnetError("--native-nftables is not implemented yet")
-    if opts.skip_rule_apply:
-        log.info("skipping rule application (--skip-rule-apply)")
-        return
-    ruleset = planner.plan(opts)
-    for warning in ruleset.warnings:
-        log.warning(warning)
-    if opts.dry_run:
-        click.echo(render(opts, ruleset), nl=False)
-        return
-    raise MeshnetError("applying rules is not implemented yet (use --dry-run)")
+    with prepared(given, environ) as (opts, ruleset):
+        if opts.native_nftables:
+            raise MeshnetError("--native-nftables is not implemented yet")
+        if opts.skip_rule_apply:
+            logs.get().info("skipping rule application (--skip-rule-apply)")
+        elif opts.dry_run:
+            click.echo(render(opts, ruleset), nl=False)
+        else:
+            from meshnet import engine
+
+            engine.program(opts, ruleset)
+        if opts.run_validation:
+            from meshnet import validation
+
+            validation.run(opts)
+
+
+def run_clean(given: Mapping[str, str | None], environ: Mapping[str, str]) -> None:
+    run_istio_iptables({**given, "cleanup_only": "true"}, environ)
+
+
+def run_verify(given: Mapping[str, str | None], environ: Mapping[str, str]) -> int:
+    """Print the drift between live state and plan; 0 when equal, 3 when drifted."""
+    from meshnet import engine
+
+    with prepared(given, environ) as (opts, ruleset):
+        lines = engine.verify(engine.families(opts, ruleset))
+    if not lines:
+        click.echo("in sync: the live rules match the plan")
+        return 0
+    click.echo(f"drifted: {len(lines)} difference(s) between the live rules and the plan")
+    for line in lines:
+        click.echo(f"  {line}")
+    return 3
+
+
+def run_validate(given: Mapping[str, str | None], environ: Mapping[str, str]) -> None:
+    from meshnet import validation
+
+    with prepared(given, environ) as (opts, _ruleset):
+        validation.run(opts)

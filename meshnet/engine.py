@@ -1,0 +1,266 @@
+"""The engine: the only place that changes a system (SPEC-istio §3, SPEC.md §4-5).
+
+It runs in the current network namespace (the CLI enters `--network-namespace` first):
+detect the iptables binaries, check the existing state, apply every family as one unit
+(rolled back on any failure, including a read-back that does not match the plan), and
+configure TPROXY routes. `clean` and `verify` work from the same plan.
+
+Plans are compared with live state only after iptables itself has spelled them: the plan is
+restored into a private, empty namespace and saved (`IptablesRunner.canonicalize`), because
+iptables-save respells rules (`-m tcp` added, marks in hex, options reordered).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+from meshnet import logs, netns, routes, state
+from meshnet.backends.iptables import IptablesRunner, detect
+from meshnet.cleanup import cleanup_commands
+from meshnet.errors import BackendError, DriftError, MeshnetError
+from meshnet.model import Family, Rule, Ruleset
+from meshnet.options import Options
+from meshnet.render.restore import restore_lines
+
+GUARDRAILS = tuple(
+    (chain, proto) for chain in ("INPUT", "FORWARD", "OUTPUT") for proto in ("tcp", "udp")
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FamilyPlan:
+    """One family: its runner (None when ip6tables is unusable and IPv6 is off) and rules."""
+
+    family: Family
+    runner: IptablesRunner | None
+    rules: tuple[Rule, ...]
+
+    @property
+    def text(self) -> str:
+        lines = restore_lines(self.rules)
+        return "\n".join(lines) + "\n" if lines else ""
+
+    def require_runner(self) -> IptablesRunner:
+        if self.runner is None:
+            raise BackendError(f"no usable {self.family} iptables binary")
+        return self.runner
+
+    def canonical(self) -> state.State:
+        """The plan as iptables-save would print it once applied."""
+        if not self.rules:
+            return state.parse_save("")
+        return state.parse_save(self.require_runner().canonicalize(self.text))
+
+    def live(self) -> state.State | None:
+        """The live state, or None when it cannot be read (Istio treats that as clean)."""
+        if self.runner is None:
+            return None
+        try:
+            return state.parse_save(self.runner.save())
+        except BackendError:
+            return None
+
+
+@dataclass(frozen=True, slots=True)
+class Assessment:
+    """Istio's (residue, delta) plus what meshnet needs to explain drift."""
+
+    residue: bool
+    delta: bool
+    ours_present: bool  # any ISTIO_* chain exists: a blind apply would fail on `-N`
+    drift: tuple[str, ...]
+
+
+def families(opts: Options, ruleset: Ruleset) -> list[FamilyPlan]:
+    """Detect the binaries (SPEC-istio §3.3); a v6 failure only matters with IPv6 on."""
+    lockfile = (
+        netns.resolve(opts.network_namespace) if opts.cni_mode and opts.network_namespace else None
+    )
+    v4 = IptablesRunner(
+        detect(False, opts.force_iptables_binary, lockfile=lockfile), lockfile=lockfile
+    )
+    v6: IptablesRunner | None = None
+    try:
+        v6 = IptablesRunner(
+            detect(True, opts.force_iptables_binary, lockfile=lockfile), lockfile=lockfile
+        )
+    except BackendError as err:
+        if ruleset.ipv6_enabled:
+            raise
+        logs.get().info(
+            "Failed to detect a working ip6tables binary; continuing because "
+            "IPv6 support is disabled (ENABLE_INBOUND_IPV6=false)",
+            error=str(err),
+        )
+    logs.get().info(
+        "iptables binaries", ipv4=v4.binary.binary, ipv6=v6.binary.binary if v6 else None
+    )
+    return [FamilyPlan("ipv4", v4, ruleset.ipv4), FamilyPlan("ipv6", v6, ruleset.ipv6)]
+
+
+def assess(plans: list[FamilyPlan]) -> Assessment:
+    """Istio's VerifyIptablesState, computed from one save per family (no `-C` processes)."""
+    per_family: list[tuple[bool, bool, bool]] = []
+    ours = False
+    drift: list[str] = []
+    for plan in plans:
+        current = plan.live()
+        expected = plan.canonical()
+        if current is None or current.is_empty:
+            per_family.append((False, not expected.is_empty, bool(plan.rules)))
+            continue
+        ours = ours or bool(current.istio_chains())
+        lines = state.diff_states(expected, current)
+        drift += [f"{plan.family} {line}" for line in lines]
+        # Istio never checks order: only missing rules, chains and ISTIO_* counts are a delta.
+        delta = any("out of order" not in line for line in lines)
+        per_family.append((True, delta, bool(plan.rules)))
+    residue, delta = state.combine(per_family)
+    return Assessment(residue, delta, ours, tuple(drift))
+
+
+def program(opts: Options, ruleset: Ruleset) -> None:
+    """istio-iptables without --dry-run: check state, then apply, reconcile, or do nothing."""
+    log = logs.get()
+    plans = families(opts, ruleset)
+    if opts.cleanup_only:
+        clean(opts, plans)
+        return
+    found = assess(plans)
+    if found.residue and not found.delta and not opts.force_apply:
+        log.info("rules already in place; nothing to apply")
+        _configure_routes(opts, ruleset)
+        return
+    reconcile = found.residue and found.delta and opts.reconcile
+    if found.residue and found.delta and found.ours_present and not opts.reconcile:
+        raise DriftError(_drift_message(found))
+    if not found.delta and opts.force_apply:
+        log.warning("--force-apply: applying over rules that are already in place")
+    _apply_all_or_nothing(opts, ruleset, plans, reconcile)
+
+
+def _drift_message(found: Assessment) -> str:
+    shown = "; ".join(found.drift[:5])
+    more = f" (and {len(found.drift) - 5} more)" if len(found.drift) > 5 else ""
+    return (
+        f"existing iptables rules differ from the plan: {shown}{more}. "
+        "Re-run with --reconcile to replace them, or see `meshnet verify` for the full diff"
+    )
+
+
+def _apply_all_or_nothing(
+    opts: Options, ruleset: Ruleset, plans: list[FamilyPlan], reconcile: bool
+) -> None:
+    """Apply every family; on any failure put every table back as it was found."""
+    active = [p for p in plans if p.rules]
+    snapshots = {p.family: p.require_runner().save() for p in active}
+    try:
+        with _guardrails(active) if reconcile else nullcontext():
+            if reconcile:
+                logs.get().info("reconciling: removing the drifted rules before applying")
+                for plan in active:
+                    _remove_planned(plan)
+            for plan in active:
+                plan.require_runner().restore(plan.text)
+                logs.get().info("applied rules", family=plan.family, rules=len(plan.rules))
+            _read_back(active)
+            _configure_routes(opts, ruleset)
+    except MeshnetError:
+        for plan in active:
+            _roll_back(plan, snapshots[plan.family])
+        raise
+
+
+def _read_back(plans: list[FamilyPlan]) -> None:
+    for plan in plans:
+        current = plan.live()
+        lines = state.diff_states(plan.canonical(), current or state.parse_save(""))
+        if lines:
+            raise BackendError(
+                f"{plan.family} rules read back differ from the plan: " + "; ".join(lines[:5])
+            )
+
+
+def _roll_back(plan: FamilyPlan, snapshot: str) -> None:
+    """Restore the tables the snapshot holds; empty the planned tables it did not hold."""
+    runner = plan.require_runner()
+    held = {line[1:].strip() for line in snapshot.splitlines() if line.startswith("*")}
+    planned = {rule.table for rule in plan.rules}
+    empty = [f"*{table}\nCOMMIT\n" for table in sorted(planned - held)]
+    try:
+        runner.restore_replace(snapshot + "".join(empty))
+    except BackendError as err:
+        logs.get().error(
+            "rollback failed; the namespace may hold partial rules",
+            family=plan.family,
+            error=str(err),
+        )
+        return
+    logs.get().warning("rolled back", family=plan.family)
+
+
+@contextmanager
+def _guardrails(plans: list[FamilyPlan]) -> Iterator[None]:
+    """Istio's reconcile guardrails: drop TCP/UDP in filter while rules are being replaced."""
+    for plan in plans:
+        runner = plan.require_runner()
+        for chain, proto in GUARDRAILS:
+            runner.run(("-t", "filter", "-D", chain, "-p", proto, "-j", "DROP"))  # stale ones
+        for chain, proto in GUARDRAILS:
+            added = runner.run(("-t", "filter", "-I", chain, "1", "-p", proto, "-j", "DROP"))
+            if added.returncode != 0:
+                raise BackendError(f"cannot insert guardrail in {chain}: {added.stderr.strip()}")
+    try:
+        yield
+    finally:
+        for plan in plans:
+            for chain, proto in GUARDRAILS:
+                plan.require_runner().run(("-t", "filter", "-D", chain, "-p", proto, "-j", "DROP"))
+
+
+def _remove_planned(plan: FamilyPlan) -> None:
+    """Istio's cleanup for one family: each command on its own, failures ignored."""
+    runner = plan.require_runner()
+    for command in cleanup_commands(plan.rules):
+        runner.run(command)
+
+
+def clean(opts: Options, plans: list[FamilyPlan]) -> None:
+    """Remove what these flags install: rules (SPEC-istio §3.6), TPROXY routes, ::6."""
+    for plan in plans:
+        if plan.rules and plan.runner is not None:
+            _remove_planned(plan)
+            logs.get().info("removed rules", family=plan.family)
+    _remove_routes(opts)
+
+
+def verify(plans: list[FamilyPlan]) -> list[str]:
+    """Readable differences between the live state and the plan; empty when equal."""
+    lines: list[str] = []
+    for plan in plans:
+        if not plan.rules:
+            continue
+        current = plan.live() or state.parse_save("")
+        lines += [f"{plan.family} {line}" for line in state.diff_states(plan.canonical(), current)]
+    return lines
+
+
+def _tproxy_routes(opts: Options) -> bool:
+    return opts.tproxy and not opts.inbound_ports.empty
+
+
+def _configure_routes(opts: Options, ruleset: Ruleset) -> None:
+    """SPEC-istio §2.3: ::6 on lo with IPv6; policy routing for TPROXY inbound capture."""
+    if ruleset.ipv6_enabled:
+        routes.ensure_ipv6_loopback()
+    if _tproxy_routes(opts):
+        routes.configure_tproxy(opts.tproxy_mark, opts.tproxy_route_table, ruleset.ipv6_enabled)
+
+
+def _remove_routes(opts: Options) -> None:
+    if _tproxy_routes(opts):
+        routes.remove_tproxy(opts.tproxy_mark, opts.tproxy_route_table, opts.enable_ipv6)
+    if opts.enable_ipv6:
+        routes.remove_ipv6_loopback()

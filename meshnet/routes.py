@@ -1,0 +1,218 @@
+"""TPROXY policy routing and the ::6 loopback address (SPEC-istio §2.3), via pyroute2.
+
+Each call opens its own netlink socket in the calling thread's current network namespace (so
+it acts inside `meshnet.netns.entered`) and closes it before returning. pyroute2 is imported
+lazily: it costs ~70-350 ms and only TPROXY and IPv6 setups need it.
+
+Differences from Istio, on purpose (SPEC.md §4 item 5): an identical `ip rule` already present
+is not an error, and removal functions exist so `clean` can undo what was added.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from meshnet.errors import RouteError
+
+__all__ = [
+    "IPV6_INBOUND_ADDRESS",
+    "configure_tproxy",
+    "ensure_ipv6_loopback",
+    "remove_ipv6_loopback",
+    "remove_tproxy",
+]
+
+IPV6_INBOUND_ADDRESS = "::6"
+"""Envoy's inbound passthrough source address for IPv6 (added to lo as ::6/128)."""
+
+_FR_ACT_TO_TBL = 1
+_ALL_ONES = 0xFFFFFFFF
+_LINK_RETRIES = 5  # as Istio's LinkByNameWithRetries
+_DEFAULT_ROUTES: dict[int, str] = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6: "::/0"}
+
+
+def configure_tproxy(mark: int, table: int, ipv6: bool) -> None:
+    """`ip rule add fwmark MARK lookup TABLE` + `ip route add local default dev lo table TABLE`.
+
+    Both per family (IPv4, and IPv6 when `ipv6`).
+
+    Idempotent: an identical rule is kept as is, an existing route is ignored (Istio's EEXIST).
+    """
+    with _iproute() as ipr:
+        lo = _loopback_index(ipr)
+        for family in _families(ipv6):
+            if not _matching_rules(ipr, family, mark, table):
+                _add_rule(ipr, family, mark, table)
+        for family in _families(ipv6):
+            _add_local_route(ipr, family, table, lo)
+
+
+def remove_tproxy(mark: int, table: int, ipv6: bool) -> None:
+    """Remove exactly what `configure_tproxy` adds; rules or routes already absent are fine."""
+    with _iproute() as ipr:
+        lo = _loopback_index(ipr)
+        for family in _families(ipv6):
+            for priority in _matching_rules(ipr, family, mark, table):
+                _delete_rule(ipr, family, mark, table, priority)
+        for family in _families(ipv6):
+            _delete_local_route(ipr, family, table, lo)
+
+
+def ensure_ipv6_loopback() -> bool:
+    """Add ::6/128 to lo (`ip -6 addr add ::6/128 dev lo`); False when it was already there."""
+    with _iproute() as ipr:
+        lo = _loopback_index(ipr)
+        try:
+            ipr.addr("add", index=lo, address=IPV6_INBOUND_ADDRESS, prefixlen=128)
+        except _netlink_errors() as err:
+            if _code(err) == errno.EEXIST:
+                return False
+            raise RouteError(f"failed to add IPv6 inbound address: {_describe(err)}") from None
+    return True
+
+
+def remove_ipv6_loopback() -> bool:
+    """Remove ::6/128 from lo; False when it was not there."""
+    with _iproute() as ipr:
+        lo = _loopback_index(ipr)
+        try:
+            ipr.addr("del", index=lo, address=IPV6_INBOUND_ADDRESS, prefixlen=128)
+        except _netlink_errors() as err:
+            if _code(err) in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ESRCH):
+                return False
+            raise RouteError(f"failed to remove IPv6 inbound address: {_describe(err)}") from None
+    return True
+
+
+@contextmanager
+def _iproute() -> Iterator[Any]:
+    from pyroute2 import IPRoute
+
+    try:
+        ipr = IPRoute()
+    except OSError as err:
+        raise RouteError(f"cannot open a netlink socket: {err.strerror}") from None
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def _families(ipv6: bool) -> tuple[int, ...]:
+    return (socket.AF_INET, socket.AF_INET6) if ipv6 else (socket.AF_INET,)
+
+
+def _loopback_index(ipr: Any) -> int:
+    from pyroute2.netlink.exceptions import NetlinkDumpInterrupted
+
+    for _ in range(_LINK_RETRIES):
+        try:
+            found = ipr.link_lookup(ifname="lo")
+        except NetlinkDumpInterrupted:
+            continue  # the link table changed during the dump: ask again
+        except _netlink_errors() as err:
+            raise RouteError(f"failed to find 'lo' link: {_describe(err)}") from None
+        if not found:
+            raise RouteError("failed to find 'lo' link: link not found")
+        return int(found[0])
+    raise RouteError(f"failed to find 'lo' link: netlink dump interrupted {_LINK_RETRIES} times")
+
+
+def _matching_rules(ipr: Any, family: int, mark: int, table: int) -> list[int]:
+    """Priorities of rules identical to `fwmark MARK lookup TABLE` (no other selector)."""
+    try:
+        rules = ipr.get_rules(family=family)
+    except _netlink_errors() as err:
+        raise RouteError(f"failed to list netlink rules: {_describe(err)}") from None
+    return [int(rule.get("priority") or 0) for rule in rules if _is_tproxy_rule(rule, mark, table)]
+
+
+def _is_tproxy_rule(rule: Any, mark: int, table: int) -> bool:
+    rule_table = rule.get("FRA_TABLE") or rule["table"]
+    return (
+        rule.get("FRA_FWMARK") == mark
+        and rule.get("FRA_FWMASK") in (None, _ALL_ONES)
+        and rule_table == table
+        and rule["action"] == _FR_ACT_TO_TBL
+        and rule["src_len"] == 0
+        and rule["dst_len"] == 0
+        and rule["flags"] == 0  # not inverted ("not fwmark ...")
+        and rule.get("FRA_IIFNAME") is None
+        and rule.get("FRA_OIFNAME") is None
+    )
+
+
+def _add_rule(ipr: Any, family: int, mark: int, table: int) -> None:
+    try:
+        # priority=None: let the kernel assign it as `ip rule add` and Istio do (pyroute2
+        # would otherwise send 32000).
+        ipr.rule("add", family=family, fwmark=mark, table=table, priority=None)
+    except _netlink_errors() as err:
+        if _code(err) == errno.EEXIST:  # added concurrently since we looked: same outcome
+            return
+        raise RouteError(f"failed to configure netlink rule: {_describe(err)}") from None
+
+
+def _delete_rule(ipr: Any, family: int, mark: int, table: int, priority: int) -> None:
+    try:
+        ipr.rule("del", family=family, fwmark=mark, table=table, priority=priority)
+    except _netlink_errors() as err:
+        if _code(err) == errno.ENOENT:
+            return
+        raise RouteError(f"failed to remove netlink rule: {_describe(err)}") from None
+
+
+def _route_spec(family: int, table: int, lo: int) -> dict[str, Any]:
+    # scope host is required for a `local` route; the kernel also matches it on delete.
+    return {
+        "family": family,
+        "dst": _DEFAULT_ROUTES[family],
+        "type": "local",
+        "scope": "host",
+        "oif": lo,
+        "table": table,
+    }
+
+
+def _add_local_route(ipr: Any, family: int, table: int, lo: int) -> None:
+    try:
+        ipr.route("add", **_route_spec(family, table, lo))
+    except _netlink_errors() as err:
+        if _code(err) == errno.EEXIST:
+            return
+        hint = " (is 'lo' up?)" if _code(err) == errno.ENETDOWN else ""
+        raise RouteError(f"failed to add route: {_describe(err)}{hint}") from None
+
+
+def _delete_local_route(ipr: Any, family: int, table: int, lo: int) -> None:
+    try:
+        ipr.route("del", **_route_spec(family, table, lo))
+    except _netlink_errors() as err:
+        if _code(err) in (errno.ESRCH, errno.ENOENT):
+            return
+        raise RouteError(f"failed to remove route: {_describe(err)}") from None
+
+
+def _netlink_errors() -> tuple[type[Exception], ...]:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    return (NetlinkError, OSError)
+
+
+def _code(err: Exception) -> int | None:
+    code = getattr(err, "code", None) or getattr(err, "errno", None)
+    return code if isinstance(code, int) else None
+
+
+def _describe(err: Exception) -> str:
+    """The errno text the way Go (and so Istio) prints it: "file exists", "network is down"."""
+    code = _code(err)
+    if code is None:
+        return str(err)
+    text = os.strerror(code)
+    return text[:1].lower() + text[1:]

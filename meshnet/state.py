@@ -1,0 +1,440 @@
+"""iptables state as text: parse it, simulate a restore, decide residue/delta, explain drift.
+
+Pure functions, no I/O. `parse_save` and `verify_state` follow Istio's GetStateFromSave and
+VerifyIptablesState (SPEC-istio §3.5) exactly, quirks included; `diff_states` is meshnet's
+readable diff for `verify` and the drift error.
+
+Rules are compared as `normalize_rule` tuples ``(CHAIN, *tokens)``. iptables-save respells
+rules (`-m tcp` added, marks in hex, options reordered), so compare a plan with live state only
+after putting the plan through the same tool (`IptablesRunner.canonicalize`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+__all__ = [
+    "BUILTIN_CHAINS",
+    "STATE_TABLES",
+    "Rule",
+    "State",
+    "check_commands",
+    "combine",
+    "diff_states",
+    "normalize_rule",
+    "parse_save",
+    "plans_rules",
+    "simulate_restore",
+    "split_rule",
+    "state_from_restore",
+    "verify_state",
+]
+
+Rule = tuple[str, ...]
+"""A rule as ``(CHAIN, *tokens)``, e.g. ``("ISTIO_OUTPUT", "-o", "lo", "-j", "RETURN")``."""
+
+BUILTIN_CHAINS = frozenset({"INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING"})
+STATE_TABLES = ("filter", "nat", "mangle", "raw")
+"""The tables GetStateFromSave knows; others (e.g. `security`) are ignored."""
+
+_DIFF_TABLE_ORDER = ("filter", "mangle", "nat", "raw")  # the restore text's (sorted) order
+_ISTIO = "ISTIO"  # chain registration prefix in GetStateFromSave
+_ISTIO_CHAIN = "ISTIO_"  # prefix for the rule-count and unexpected-chain checks
+_APPEND = ("-A", "--append")
+_INSERT = ("-I", "--insert")
+_NEW = ("-N", "--new")
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """table → chain → rule lines, as GetStateFromSave builds it (read-only mappings).
+
+    filter, nat, mangle and raw are always present. ISTIO* chains appear when declared, even
+    empty; other chains only when they hold rules. Lines are kept as written (``-A C ...``).
+    """
+
+    tables: Mapping[str, Mapping[str, tuple[str, ...]]]
+
+    def chains(self, table: str) -> Mapping[str, tuple[str, ...]]:
+        """The chains of `table` (empty for an unknown table)."""
+        return self.tables.get(table, MappingProxyType({}))
+
+    def rules(self, table: str, chain: str) -> tuple[str, ...]:
+        """The rule lines of one chain (empty when absent)."""
+        return self.chains(table).get(chain, ())
+
+    @property
+    def is_empty(self) -> bool:
+        """No chain in any table: Istio's "no residue" / "nothing expected"."""
+        return not any(self.tables.values())
+
+    def istio_chains(self) -> list[tuple[str, str]]:
+        """(table, chain) for every ISTIO_* chain, in table then chain order."""
+        return [
+            (table, chain)
+            for table, chains in self.tables.items()
+            for chain in chains
+            if chain.startswith(_ISTIO_CHAIN)
+        ]
+
+
+def parse_save(text: str) -> State:
+    """Istio's GetStateFromSave, for iptables-save output or restore text."""
+    tables: dict[str, dict[str, list[str]]] = {name: {} for name in STATE_TABLES}
+    table = ""
+    for raw in text.splitlines():
+        line = raw.rstrip()
+        if not line or line.startswith("#") or line == "COMMIT":
+            continue
+        if line.startswith("*"):
+            table = line[1:].strip()
+            continue
+        chains = tables.get(table)
+        if chains is None:
+            continue  # a table Istio does not track, e.g. security
+        if line.startswith(":"):
+            name = line[1:].split(" ", 1)[0]
+            if name.startswith(_ISTIO):
+                chains.setdefault(name, [])
+            continue
+        _record_line(chains, line)
+    return _freeze(tables)
+
+
+def _record_line(chains: dict[str, list[str]], line: str) -> None:
+    tokens = line.split(" ")  # Istio splits on single spaces
+    for index, token in enumerate(tokens[:-1]):
+        name = tokens[index + 1].strip("'\"")
+        if token in _APPEND or token in _INSERT:
+            chains.setdefault(name, []).append(line)
+            return
+        if token in _NEW:
+            if name.startswith(_ISTIO):
+                chains.setdefault(name, [])
+            return
+
+
+def _freeze(tables: Mapping[str, Mapping[str, Iterable[str]]]) -> State:
+    return State(
+        MappingProxyType(
+            {
+                table: MappingProxyType({chain: tuple(lines) for chain, lines in chains.items()})
+                for table, chains in tables.items()
+            }
+        )
+    )
+
+
+def split_rule(line: str) -> list[str]:
+    """Split one rule line as iptables-restore does: whitespace separates, "..." groups.
+
+    Inside double quotes a backslash escapes the next character; single quotes are literal.
+    """
+    tokens: list[str] = []
+    current: list[str] = []
+    quoted = escaped = pending = False
+    for char in line:
+        if quoted:
+            if escaped:
+                current.append(char)
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                quoted = False
+            else:
+                current.append(char)
+        elif char == '"':
+            quoted = pending = True
+        elif char.isspace():
+            if current or pending:
+                tokens.append("".join(current))
+            current, pending = [], False
+        else:
+            current.append(char)
+    if quoted:
+        raise ValueError(f"unterminated quote in rule: {line}")
+    if current or pending:
+        tokens.append("".join(current))
+    return tokens
+
+
+def normalize_rule(line: str) -> Rule:
+    """``-A C rest`` / ``-I C [N] rest`` → ``(C, *rest)``; a leading ``-t TABLE`` is dropped."""
+    tokens = split_rule(line)
+    for index, token in enumerate(tokens[:-1]):
+        if token in _APPEND or token in _INSERT:
+            chain = tokens[index + 1]
+            rest = tokens[index + 2 :]
+            if token in _INSERT and rest and rest[0].isdigit():
+                rest = rest[1:]
+            return (chain, *_drop_table_option(tokens[:index]), *rest)
+    raise ValueError(f"not an -A or -I rule: {line}")
+
+
+def _drop_table_option(tokens: list[str]) -> list[str]:
+    kept: list[str] = []
+    skip = False
+    for token in tokens:
+        if skip:
+            skip = False
+        elif token in ("-t", "--table"):
+            skip = True
+        else:
+            kept.append(token)
+    return kept
+
+
+def simulate_restore(text: str) -> dict[str, dict[str, list[Rule]]]:
+    """Apply one family's restore text (`-N`, `-A`, `-I C n`, `:C` lines) to an empty state.
+
+    Raises ValueError, naming the line, for a chain declared twice, a rule in an undeclared
+    non-builtin chain, an out-of-range insert, a line outside a table, or another command.
+    """
+    tables: dict[str, dict[str, list[Rule]]] = {}
+    chains: dict[str, list[Rule]] | None = None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line == "COMMIT":
+            chains = None
+        elif line.startswith("*"):
+            chains = tables.setdefault(line[1:].strip(), {})
+        elif chains is None:
+            raise ValueError(f"line {number}: outside a table: {line}")
+        else:
+            try:
+                _simulate_line(chains, line)
+            except ValueError as err:
+                raise ValueError(f"line {number}: {err}: {line}") from None
+    return tables
+
+
+def _simulate_line(chains: dict[str, list[Rule]], line: str) -> None:
+    if line.startswith(":"):
+        name = line[1:].split()[0]
+        if name in BUILTIN_CHAINS:
+            chains.setdefault(name, [])  # a policy line, as in iptables-save output
+        else:
+            _declare(chains, name)
+        return
+    tokens = split_rule(line)
+    command = tokens[0]
+    if command in _NEW and len(tokens) == 2:
+        _declare(chains, tokens[1])
+    elif command in _APPEND and len(tokens) >= 2:
+        _rule_list(chains, tokens[1]).append((tokens[1], *tokens[2:]))
+    elif command in _INSERT and len(tokens) >= 2:
+        _insert(chains, tokens)
+    else:
+        raise ValueError(f"unsupported command {command}")
+
+
+def _declare(chains: dict[str, list[Rule]], name: str) -> None:
+    if name in BUILTIN_CHAINS or name in chains:
+        raise ValueError(f"chain {name} already exists")
+    chains[name] = []
+
+
+def _rule_list(chains: dict[str, list[Rule]], name: str) -> list[Rule]:
+    if name not in chains:
+        if name not in BUILTIN_CHAINS:
+            raise ValueError(f"chain {name} does not exist")
+        chains[name] = []
+    return chains[name]
+
+
+def _insert(chains: dict[str, list[Rule]], tokens: list[str]) -> None:
+    chain, rest = tokens[1], tokens[2:]
+    position = 1
+    if rest and rest[0].isdigit():
+        position, rest = int(rest[0]), rest[1:]
+    rules = _rule_list(chains, chain)
+    if not 1 <= position <= len(rules) + 1:
+        raise ValueError(f"index of insertion {position} out of range for {chain}")
+    rules.insert(position - 1, (chain, *rest))
+
+
+def state_from_restore(text: str) -> State:
+    """The State that applying `text` to an empty namespace yields (`-I` positions resolved).
+
+    Rules keep the restore text's spelling, so compare this with other unapplied text, not
+    with iptables-save output.
+    """
+    tables: dict[str, dict[str, list[str]]] = {name: {} for name in STATE_TABLES}
+    for table, chains in simulate_restore(text).items():
+        if table not in tables:
+            continue
+        for chain, rules in chains.items():
+            if rules or chain.startswith(_ISTIO):
+                tables[table][chain] = [_rule_line(rule) for rule in rules]
+    return _freeze(tables)
+
+
+def check_commands(restore_text: str) -> list[tuple[str, ...]]:
+    """Istio's BuildCheckVx: ``-t TABLE -C CHAIN ...`` for every -A/-I rule, position dropped."""
+    commands: list[tuple[str, ...]] = []
+    table = ""
+    for raw in restore_text.splitlines():
+        line = raw.strip()
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line.startswith(_APPEND + _INSERT):
+            chain, *rest = normalize_rule(line)
+            commands.append(("-t", table, "-C", chain, *rest))
+    return commands
+
+
+def plans_rules(restore_text: str) -> bool:
+    """Whether a family's restore text declares any chain (Istio's !emptyExpected)."""
+    return not parse_save(restore_text).is_empty
+
+
+def verify_state(
+    expected_restore_text: str,
+    save_text: str | None,
+    check: Callable[[tuple[str, ...]], bool],
+) -> tuple[bool, bool]:
+    """(residue, delta) for one family, as VerifyIptablesState (SPEC-istio §3.5 steps 1-3).
+
+    `save_text` None means the save failed (treated as a clean state). `check` runs one
+    `check_commands` argument tuple (e.g. ``IptablesRunner.check``) and says whether it passed;
+    it is only called when residue exists and the chain structure already matches.
+    """
+    expected = parse_save(expected_restore_text)
+    if save_text is None:
+        return False, not expected.is_empty
+    current = parse_save(save_text)
+    if current.is_empty:  # any chain, foreign ones included, counts as residue
+        return False, not expected.is_empty
+    delta = _structure_differs(expected, current) or not all(
+        check(command) for command in check_commands(expected_restore_text)
+    )
+    return True, delta
+
+
+def _structure_differs(expected: State, current: State) -> bool:
+    for table, chains in expected.tables.items():
+        if table not in current.tables:
+            return True
+        for chain, rules in chains.items():
+            if chain not in current.chains(table):
+                return True
+            if chain.startswith(_ISTIO_CHAIN) and len(rules) != len(current.rules(table, chain)):
+                return True
+    return any(chain not in expected.chains(table) for table, chain in current.istio_chains())
+
+
+def combine(families: Iterable[tuple[bool, bool, bool]]) -> tuple[bool, bool]:
+    """Istio's global verdict from per-family ``(residue, delta, plans_rules)`` (§3.5 steps 4-5).
+
+    Residue in a family with nothing planned is ignored. No residue anywhere gives
+    (False, True): clean state, apply. Otherwise (True, any delta).
+    """
+    residue = delta = False
+    for family_residue, family_delta, planned in families:
+        residue = residue or (family_residue and planned)
+        delta = delta or family_delta
+    if not residue:
+        return False, True
+    return True, delta
+
+
+def diff_states(expected: State, current: State) -> list[str]:
+    """Readable drift lines, per table and chain; empty when `current` matches `expected`.
+
+    ISTIO_* chains must match exactly (missing, unexpected and out-of-order rules reported);
+    other chains may hold foreign rules, but the expected ones must be there in order.
+    """
+    lines: list[str] = []
+    for table in _tables_in_order(expected, current):
+        lines.extend(_diff_table(table, expected.chains(table), current.chains(table)))
+    return lines
+
+
+def _tables_in_order(*states: State) -> list[str]:
+    names = {table for state in states for table in state.tables}
+    known = [table for table in _DIFF_TABLE_ORDER if table in names]
+    return known + sorted(names - set(known))
+
+
+def _diff_table(
+    table: str,
+    expected: Mapping[str, tuple[str, ...]],
+    current: Mapping[str, tuple[str, ...]],
+) -> Iterator[str]:
+    for chain, lines in expected.items():
+        want = [normalize_rule(line) for line in lines]
+        have = [normalize_rule(line) for line in current.get(chain, ())]
+        if chain not in current and chain.startswith(_ISTIO):
+            yield f"{table}: missing chain {chain}"
+            yield from (f"{table} {chain}: missing rule: {_rule_line(r)}" for r in want)
+        elif chain.startswith(_ISTIO):
+            yield from _diff_owned_chain(table, chain, want, have)
+        else:
+            yield from _diff_shared_chain(table, chain, want, have)
+    for chain in current:
+        if chain.startswith(_ISTIO_CHAIN) and chain not in expected:
+            yield f"{table}: unexpected chain {chain}"
+
+
+def _diff_owned_chain(table: str, chain: str, want: list[Rule], have: list[Rule]) -> Iterator[str]:
+    """An ISTIO chain: exactly the expected rules, in order."""
+    missing = Counter(want) - Counter(have)
+    extra = Counter(have) - Counter(want)
+    yield from (f"{table} {chain}: missing rule: {_rule_line(r)}" for r in missing.elements())
+    yield from (f"{table} {chain}: unexpected rule: {_rule_line(r)}" for r in extra.elements())
+    common_want = _without(want, missing)
+    common_have = _without(have, extra)
+    yield from _order_message(table, chain, common_want, common_have)
+
+
+def _diff_shared_chain(table: str, chain: str, want: list[Rule], have: list[Rule]) -> Iterator[str]:
+    """A built-in (shared) chain: foreign rules are fine; ours must be present and in order."""
+    missing = Counter(want) - Counter(have)
+    yield from (f"{table} {chain}: missing rule: {_rule_line(r)}" for r in missing.elements())
+    present = _without(want, missing)
+    ours = Counter(present)
+    in_current: list[Rule] = []
+    for rule in have:
+        if ours[rule] > 0:
+            ours[rule] -= 1
+            in_current.append(rule)
+    yield from _order_message(table, chain, present, in_current)
+
+
+def _without(rules: list[Rule], drop: Counter[Rule]) -> list[Rule]:
+    remaining = Counter(drop)
+    kept: list[Rule] = []
+    for rule in rules:
+        if remaining[rule] > 0:
+            remaining[rule] -= 1
+        else:
+            kept.append(rule)
+    return kept
+
+
+def _order_message(table: str, chain: str, want: list[Rule], have: list[Rule]) -> Iterator[str]:
+    for position, (wanted, found) in enumerate(zip(want, have, strict=True), start=1):
+        if wanted != found:
+            yield (
+                f"{table} {chain}: rules out of order at planned rule #{position}: "
+                f"expected {_rule_line(wanted)}, found {_rule_line(found)}"
+            )
+            return
+
+
+def _rule_line(rule: Rule) -> str:
+    """``-A CHAIN ...``, quoting tokens that need it as iptables-save does."""
+    return " ".join(("-A", *(_quote(token) for token in rule)))
+
+
+def _quote(token: str) -> str:
+    if token and not any(char.isspace() or char in "\"\\'" for char in token):
+        return token
+    escaped = token.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
