@@ -108,6 +108,14 @@ def validate(**given: str | None) -> None:
     run_validate(given, os.environ)
 
 
+@cli.command("demo")
+def demo() -> None:
+    """Show interception end to end in throw-away namespaces (needs root; leaves nothing)."""
+    from meshnet.demo import run
+
+    run()
+
+
 def _configure_logs_early(argv: list[str], environ: Mapping[str, str]) -> None:
     """Errors before option parsing still need a logger; honour the obvious JSON switches."""
     as_json = any(a in ("--log_as_json", "--log-format=json") for a in argv)
