@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import cached_property
 
 from meshnet import logs, netns, routes, state
 from meshnet.backends.iptables import IptablesRunner, detect
@@ -29,7 +30,7 @@ GUARDRAILS = tuple(
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: cached_property keeps the tool outputs read once
 class FamilyPlan:
     """One family: its runner (None when ip6tables is unusable and IPv6 is off) and rules."""
 
@@ -47,18 +48,23 @@ class FamilyPlan:
             raise BackendError(f"no usable {self.family} iptables binary")
         return self.runner
 
+    @cached_property
     def canonical(self) -> state.State:
         """The plan as iptables-save would print it once applied."""
         if not self.rules:
             return state.parse_save("")
         return state.parse_save(self.require_runner().canonicalize(self.text))
 
-    def live(self) -> state.State | None:
-        """The live state, or None when it cannot be read (Istio treats that as clean)."""
+    @cached_property
+    def initial_save(self) -> str | None:
+        """The save output before meshnet changed anything (None: it cannot be read)."""
+        return self.read_save()
+
+    def read_save(self) -> str | None:
         if self.runner is None:
             return None
         try:
-            return state.parse_save(self.runner.save())
+            return self.runner.save()
         except BackendError:
             return None
 
@@ -82,17 +88,11 @@ def families(opts: Options, ruleset: Ruleset) -> list[FamilyPlan]:
         detect(False, opts.force_iptables_binary, lockfile=lockfile), lockfile=lockfile
     )
     v6: IptablesRunner | None = None
-    try:
+    if ruleset.ipv6_enabled:
+        # Istio also detects and saves ip6tables with IPv6 off, only to ignore what it finds
+        # (residue in a family with nothing planned is ignored): meshnet skips that work.
         v6 = IptablesRunner(
             detect(True, opts.force_iptables_binary, lockfile=lockfile), lockfile=lockfile
-        )
-    except BackendError as err:
-        if ruleset.ipv6_enabled:
-            raise
-        logs.get().info(
-            "Failed to detect a working ip6tables binary; continuing because "
-            "IPv6 support is disabled (ENABLE_INBOUND_IPV6=false)",
-            error=str(err),
         )
     logs.get().info(
         "iptables binaries", ipv4=v4.binary.binary, ipv6=v6.binary.binary if v6 else None
@@ -106,11 +106,12 @@ def assess(plans: list[FamilyPlan]) -> Assessment:
     ours = False
     drift: list[str] = []
     for plan in plans:
-        current = plan.live()
-        expected = plan.canonical()
+        saved = plan.initial_save
+        current = state.parse_save(saved) if saved is not None else None
         if current is None or current.is_empty:
-            per_family.append((False, not expected.is_empty, bool(plan.rules)))
+            per_family.append((False, bool(plan.rules), bool(plan.rules)))
             continue
+        expected = plan.canonical
         ours = ours or bool(current.istio_chains())
         lines = state.diff_states(expected, current)
         drift += [f"{plan.family} {line}" for line in lines]
@@ -155,7 +156,7 @@ def _apply_all_or_nothing(
 ) -> None:
     """Apply every family; on any failure put every table back as it was found."""
     active = [p for p in plans if p.rules]
-    snapshots = {p.family: p.require_runner().save() for p in active}
+    snapshots = {p.family: p.initial_save or "" for p in active}
     try:
         with _guardrails(active) if reconcile else nullcontext():
             if reconcile:
@@ -175,12 +176,10 @@ def _apply_all_or_nothing(
 
 def _read_back(plans: list[FamilyPlan]) -> None:
     for plan in plans:
-        current = plan.live()
-        lines = state.diff_states(plan.canonical(), current or state.parse_save(""))
+        lines = state.diff_states(plan.canonical, state.parse_save(plan.read_save() or ""))
         if lines:
-            raise BackendError(
-                f"{plan.family} rules read back differ from the plan: " + "; ".join(lines[:5])
-            )
+            shown = "; ".join(lines[:5])
+            raise BackendError(f"{plan.family} rules read back differ from the plan: {shown}")
 
 
 def _roll_back(plan: FamilyPlan, snapshot: str) -> None:
@@ -242,8 +241,9 @@ def verify(plans: list[FamilyPlan]) -> list[str]:
     for plan in plans:
         if not plan.rules:
             continue
-        current = plan.live() or state.parse_save("")
-        lines += [f"{plan.family} {line}" for line in state.diff_states(plan.canonical(), current)]
+        current = state.parse_save(plan.initial_save or "")
+        diff = state.diff_states(plan.canonical, current)
+        lines += [f"{plan.family} {line}" for line in diff]
     return lines
 
 

@@ -45,10 +45,10 @@ def render(opts: Options, ruleset: Ruleset) -> str:
 
 def run_istio_iptables(given: Mapping[str, str | None], environ: Mapping[str, str]) -> None:
     with prepared(given, environ) as (opts, ruleset):
-        if opts.native_nftables:
-            raise MeshnetError("--native-nftables is not implemented yet")
         if opts.skip_rule_apply:
             logs.get().info("skipping rule application (--skip-rule-apply)")
+        elif opts.native_nftables or opts.output_format == "nft":
+            _run_nftables(opts)
         elif opts.dry_run:
             click.echo(render(opts, ruleset), nl=False)
         else:
@@ -59,6 +59,25 @@ def run_istio_iptables(given: Mapping[str, str | None], environ: Mapping[str, st
             from meshnet import validation
 
             validation.run(opts)
+
+
+def _run_nftables(opts: Options) -> None:
+    """--native-nftables: Istio's nft mode ignores --dry-run; meshnet honours it (SPEC.md §4)."""
+    from meshnet import nftplan
+    from meshnet.render import nft
+
+    if opts.dry_run and opts.output_format not in ("nft", "restore"):
+        raise MeshnetError(
+            f"--output-format {opts.output_format} is not available with --native-nftables "
+            "(use nft)"
+        )
+    ruleset = nftplan.plan_nft(opts)
+    for warning in ruleset.warnings:
+        logs.get().warning(warning)
+    if opts.dry_run:
+        click.echo(nft.render(ruleset), nl=False)
+        return
+    raise MeshnetError("applying native nftables rules is not implemented yet (use --dry-run)")
 
 
 def run_clean(given: Mapping[str, str | None], environ: Mapping[str, str]) -> None:

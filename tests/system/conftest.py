@@ -1,8 +1,7 @@
 """Fixtures for the backend/namespace/route system tests: root, throw-away namespaces only.
 
-Every test works in a namespace it created (`mnt-<random>`) and that is always deleted. A
-session guard checks that the host's own netfilter rules, policy routes and namespace were
-left exactly as they were.
+Every test works in a namespace it created (`mnt-<random>`) and that is always deleted. The
+session guard in tests/conftest.py checks that the host itself was left exactly as it was.
 """
 
 from __future__ import annotations
@@ -20,14 +19,6 @@ from meshnet import netns
 
 _TIMEOUT = 30
 _HERE = Path(__file__).parent
-_HOST_DUMPS = (
-    ("iptables-nft-save",),
-    ("ip6tables-nft-save",),
-    ("iptables-legacy-save",),
-    ("ip6tables-legacy-save",),
-    ("ip", "rule"),
-    ("ip", "-6", "rule"),
-)
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -67,35 +58,6 @@ def _require_tools(*names: str) -> None:
 def require_tools() -> Callable[..., None]:
     """`require_tools("iptables-legacy", ...)`: skip (fail with CI=true) when one is missing."""
     return _require_tools
-
-
-def _host_snapshot() -> dict[str, str]:
-    """Rules and policy routes of the host namespace, without the timestamp comments."""
-    snapshot = {}
-    for argv in _HOST_DUMPS:
-        if shutil.which(argv[0]) is None:
-            continue
-        out = _run(*argv).stdout
-        snapshot[" ".join(argv)] = "\n".join(
-            line for line in out.splitlines() if not line.startswith("#")
-        )
-    return snapshot
-
-
-@pytest.fixture(scope="session", autouse=True)
-def host_untouched(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Fail the session if the system tests changed the host's netfilter or `ip rule` state."""
-    ours = any(_HERE in Path(item.path).parents for item in request.session.items)
-    if not ours or _unavailable_reason() is not None:
-        yield
-        return
-    host_ns = netns.current_inode()
-    before = _host_snapshot()
-    yield
-    assert netns.current_inode() == host_ns, "the test process was left in another namespace"
-    after = _host_snapshot()
-    changed = [name for name in before if before[name] != after.get(name)]
-    assert not changed, f"system tests changed the host's state: {changed}"
 
 
 @pytest.fixture

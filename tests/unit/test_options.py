@@ -232,8 +232,10 @@ def test_bool_flag_forms() -> None:
     base = ["istio-iptables", "--enable-ipv6", "false", "--output-format", "json"]
     assert meshnet([*base, "-n"]).returncode == 0
     assert meshnet([*base, "--dry-run=true"]).returncode == 0
-    applied = meshnet([*base, "--dry-run=false"])
+    # Not a dry run: it must try to enter the (missing) namespace, never touch this host.
+    applied = meshnet([*base, "--dry-run=false", "--network-namespace", "mnt-no-such-ns"])
     assert applied.returncode == 1 and applied.stdout == ""
+    assert 'network namespace "mnt-no-such-ns" not found' in applied.stderr
 
 
 def test_help_lists_every_istio_flag_with_short_letter_env_and_default() -> None:
