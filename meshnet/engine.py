@@ -132,7 +132,7 @@ def program(opts: Options, ruleset: Ruleset) -> None:
     found = assess(plans)
     if found.residue and not found.delta and not opts.force_apply:
         log.info("rules already in place; nothing to apply")
-        _configure_routes(opts, ruleset)
+        routes.configure_for(opts)
         return
     reconcile = found.residue and found.delta and opts.reconcile
     if found.residue and found.delta and found.ours_present and not opts.reconcile:
@@ -167,7 +167,7 @@ def _apply_all_or_nothing(
                 plan.require_runner().restore(plan.text)
                 logs.get().info("applied rules", family=plan.family, rules=len(plan.rules))
             _read_back(active)
-            _configure_routes(opts, ruleset)
+            routes.configure_for(opts)
     except MeshnetError:
         for plan in active:
             _roll_back(plan, snapshots[plan.family])
@@ -232,7 +232,7 @@ def clean(opts: Options, plans: list[FamilyPlan]) -> None:
         if plan.rules and plan.runner is not None:
             _remove_planned(plan)
             logs.get().info("removed rules", family=plan.family)
-    _remove_routes(opts)
+    routes.remove_for(opts)
 
 
 def verify(plans: list[FamilyPlan]) -> list[str]:
@@ -245,22 +245,3 @@ def verify(plans: list[FamilyPlan]) -> list[str]:
         diff = state.diff_states(plan.canonical, current)
         lines += [f"{plan.family} {line}" for line in diff]
     return lines
-
-
-def _tproxy_routes(opts: Options) -> bool:
-    return opts.tproxy and not opts.inbound_ports.empty
-
-
-def _configure_routes(opts: Options, ruleset: Ruleset) -> None:
-    """SPEC-istio §2.3: ::6 on lo with IPv6; policy routing for TPROXY inbound capture."""
-    if ruleset.ipv6_enabled:
-        routes.ensure_ipv6_loopback()
-    if _tproxy_routes(opts):
-        routes.configure_tproxy(opts.tproxy_mark, opts.tproxy_route_table, ruleset.ipv6_enabled)
-
-
-def _remove_routes(opts: Options) -> None:
-    if _tproxy_routes(opts):
-        routes.remove_tproxy(opts.tproxy_mark, opts.tproxy_route_table, opts.enable_ipv6)
-    if opts.enable_ipv6:
-        routes.remove_ipv6_loopback()

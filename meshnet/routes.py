@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from meshnet.errors import RouteError
+from meshnet.options import Options
 
 __all__ = [
     "IPV6_INBOUND_ADDRESS",
@@ -34,6 +35,27 @@ _FR_ACT_TO_TBL = 1
 _ALL_ONES = 0xFFFFFFFF
 _LINK_RETRIES = 5  # as Istio's LinkByNameWithRetries
 _DEFAULT_ROUTES: dict[int, str] = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6: "::/0"}
+
+
+def configure_for(opts: Options) -> None:
+    """SPEC-istio §2.3 for these options: ::6 on lo with IPv6; TPROXY policy routing."""
+    if opts.enable_ipv6:
+        ensure_ipv6_loopback()
+    if _uses_tproxy_routes(opts):
+        configure_tproxy(opts.tproxy_mark, opts.tproxy_route_table, opts.enable_ipv6)
+
+
+def remove_for(opts: Options) -> None:
+    """Undo `configure_for` (meshnet's clean; Istio re-adds the routes instead)."""
+    if _uses_tproxy_routes(opts):
+        remove_tproxy(opts.tproxy_mark, opts.tproxy_route_table, opts.enable_ipv6)
+    if opts.enable_ipv6:
+        remove_ipv6_loopback()
+
+
+def _uses_tproxy_routes(opts: Options) -> bool:
+    # Istio: only with TPROXY and a non-empty inbound port list.
+    return opts.tproxy and not opts.inbound_ports.empty
 
 
 def configure_tproxy(mark: int, table: int, ipv6: bool) -> None:

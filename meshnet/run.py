@@ -77,7 +77,9 @@ def _run_nftables(opts: Options) -> None:
     if opts.dry_run:
         click.echo(nft.render(ruleset), nl=False)
         return
-    raise MeshnetError("applying native nftables rules is not implemented yet (use --dry-run)")
+    from meshnet import nftengine
+
+    nftengine.program(opts, ruleset)
 
 
 def run_clean(given: Mapping[str, str | None], environ: Mapping[str, str]) -> None:
@@ -89,7 +91,12 @@ def run_verify(given: Mapping[str, str | None], environ: Mapping[str, str]) -> i
     from meshnet import engine
 
     with prepared(given, environ) as (opts, ruleset):
-        lines = engine.verify(engine.families(opts, ruleset))
+        if opts.native_nftables:
+            from meshnet import nftengine, nftplan
+
+            lines = nftengine.verify(opts, nftplan.plan_nft(opts))
+        else:
+            lines = engine.verify(engine.families(opts, ruleset))
     if not lines:
         click.echo("in sync: the live rules match the plan")
         return 0

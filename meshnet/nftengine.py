@@ -1,0 +1,146 @@
+"""The engine for --native-nftables: the same decisions as `engine`, on three inet tables.
+
+A transaction replaces meshnet's tables atomically, so there is no rollback of half-applied
+rules to do: nft applies all of it or none of it. Live tables are compared with the plan after
+nft itself has printed both (`nft list table`), the plan having been applied in a private,
+empty namespace, so spelling never causes false drift.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from meshnet import logs, netns, routes
+from meshnet.backends.nftables import Nft
+from meshnet.errors import DriftError, MeshnetError
+from meshnet.nftplan import TABLES, NftRuleset
+from meshnet.options import Options
+from meshnet.render import nft as render
+
+Listing = dict[str, list[str]]  # chain -> its lines, as `nft list table` prints them
+_COUNTER = re.compile(r"counter packets \d+ bytes \d+")
+
+
+def program(opts: Options, ruleset: NftRuleset) -> None:
+    """Apply, reconcile, or do nothing; clean with --cleanup-only."""
+    nft = Nft(cni_mode=opts.cni_mode)
+    nft.require()
+    if opts.cleanup_only:
+        clean(opts, nft)
+        return
+    live = _live(nft)
+    expected = _expected(ruleset)
+    if live == expected and not opts.force_apply:
+        logs.get().info("nftables rules already in place; nothing to apply")
+        routes.configure_for(opts)
+        return
+    drift = diff(expected, live)
+    if any(live.values()) and not opts.reconcile and not opts.force_apply:
+        shown = "; ".join(drift[:5])
+        raise DriftError(
+            f"existing nftables rules differ from the plan: {shown}. "
+            "Re-run with --reconcile to replace them"
+        )
+    _apply(opts, nft, ruleset, live, expected)
+
+
+def _apply(
+    opts: Options,
+    nft: Nft,
+    ruleset: NftRuleset,
+    live: dict[str, Listing | None],
+    expected: dict[str, Listing | None],
+) -> None:
+    previous = {table: nft.list_table(table) for table in TABLES}
+    nft.apply(_replacing(live) + render.render(ruleset))
+    try:
+        drift = diff(expected, _live(nft))
+        if drift:
+            raise MeshnetError(
+                "nftables rules read back differ from the plan: " + "; ".join(drift[:5])
+            )
+        routes.configure_for(opts)
+    except MeshnetError:
+        nft.apply(_replacing(_live(nft)) + "".join(t for t in previous.values() if t))
+        logs.get().warning("rolled back the nftables tables")
+        raise
+    logs.get().info("applied nftables rules", tables=[t.name for t in ruleset.tables])
+
+
+def _replacing(live: Mapping[str, object]) -> str:
+    """Delete meshnet's existing tables first (Istio's add+flush keeps stale empty chains)."""
+    return "".join(f"add table inet {t}\ndelete table inet {t}\n" for t, v in live.items() if v)
+
+
+def clean(opts: Options, nft: Nft) -> None:
+    """Delete meshnet's three tables (nothing else), then the routes meshnet added."""
+    present = {table: listing for table, listing in _live(nft).items() if listing is not None}
+    if present:
+        nft.apply(_replacing(present))
+        logs.get().info("removed nftables tables", tables=sorted(present))
+    routes.remove_for(opts)
+
+
+def verify(opts: Options, ruleset: NftRuleset) -> list[str]:
+    nft = Nft(cni_mode=opts.cni_mode)
+    nft.require()
+    return diff(_expected(ruleset), _live(nft))
+
+
+def _live(nft: Nft) -> dict[str, Listing | None]:
+    return {table: _parse(nft.list_table(table)) for table in TABLES}
+
+
+def _expected(ruleset: NftRuleset) -> dict[str, Listing | None]:
+    """The plan as nft prints it, from a private namespace that is gone afterwards."""
+
+    def apply_and_list() -> dict[str, Listing | None]:
+        nft = Nft()
+        nft.apply(render.render(ruleset))
+        return _live(nft)
+
+    return netns.run_isolated(apply_and_list)
+
+
+def _parse(listing: str | None) -> Listing | None:
+    if listing is None:
+        return None
+    chains: Listing = {}
+    current: list[str] | None = None
+    for raw in listing.splitlines():
+        line = _COUNTER.sub("counter", raw.strip())
+        if line.startswith("chain "):
+            current = chains.setdefault(line.split()[1], [])
+        elif line == "}":
+            current = None
+        elif current is not None and line:
+            current.append(line)
+    return chains
+
+
+def diff(expected: dict[str, Listing | None], live: dict[str, Listing | None]) -> list[str]:
+    """Readable differences, per table and chain."""
+    lines: list[str] = []
+    for table in TABLES:
+        want, have = expected.get(table), live.get(table)
+        if want is None and have is not None:
+            lines.append(f"unexpected table inet {table}")
+        elif want is not None and have is None:
+            lines.append(f"missing table inet {table}")
+        elif want is not None and have is not None:
+            lines += _diff_table(table, want, have)
+    return lines
+
+
+def _diff_table(table: str, want: Listing, have: Listing) -> list[str]:
+    lines = [f"{table}: missing chain {c}" for c in want if c not in have]
+    lines += [f"{table}: unexpected chain {c}" for c in have if c not in want]
+    for chain in (c for c in want if c in have):
+        missing = [r for r in want[chain] if r not in have[chain]]
+        extra = [r for r in have[chain] if r not in want[chain]]
+        lines += [f"{table} {chain}: missing rule: {r}" for r in missing]
+        lines += [f"{table} {chain}: unexpected rule: {r}" for r in extra]
+        if not missing and not extra and want[chain] != have[chain]:
+            lines.append(f"{table} {chain}: rules out of order")
+    return lines
