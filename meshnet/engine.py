@@ -245,3 +245,47 @@ def verify(plans: list[FamilyPlan]) -> list[str]:
         diff = state.diff_states(plan.canonical, current)
         lines += [f"{plan.family} {line}" for line in diff]
     return lines
+
+
+def purge(namespace: str | None = None) -> None:
+    """Remove every ISTIO_* chain and every jump into one, whatever flags made them.
+
+    For CNI DEL, where the pod (and so its flags) may be gone: Istio's BuildCleanupFromState,
+    done as one restore per family so it is atomic.
+    """
+    lockfile = netns.resolve(namespace) if namespace else None
+    for ipv6 in (False, True):
+        try:
+            runner = IptablesRunner(detect(ipv6, lockfile=lockfile), lockfile=lockfile)
+        except BackendError as err:
+            logs.get().info("no usable iptables binary", ipv6=ipv6, error=str(err))
+            continue
+        text = purge_text(runner.save())
+        if text:
+            runner.restore(text)
+
+
+def purge_text(save: str) -> str:
+    """Restore input that deletes the jumps into ISTIO_* chains, then flushes and deletes them."""
+    out: list[str] = []
+    table = ""
+    deletes: list[str] = []
+    chains: list[str] = []
+    for line in [*save.splitlines(), "*"]:
+        if line.startswith("*"):
+            if chains or deletes:
+                out += [
+                    f"*{table}",
+                    *deletes,
+                    *(f"-F {c}" for c in chains),
+                    *(f"-X {c}" for c in chains),
+                    "COMMIT",
+                ]
+            table, deletes, chains = line[1:].strip(), [], []
+        elif line.startswith(":ISTIO_"):
+            chains.append(line[1:].split()[0])
+        elif line.startswith("-A ") and not line.split()[1].startswith("ISTIO_"):
+            tokens = line.split()
+            if "-j" in tokens[:-1] and tokens[tokens.index("-j") + 1].startswith("ISTIO_"):
+                deletes.append("-D " + line[3:])
+    return "\n".join(out) + "\n" if out else ""

@@ -75,11 +75,15 @@ def _replacing(live: Mapping[str, object]) -> str:
 
 def clean(opts: Options, nft: Nft) -> None:
     """Delete meshnet's three tables (nothing else), then the routes meshnet added."""
+    remove_tables(nft)
+    routes.remove_for(opts)
+
+
+def remove_tables(nft: Nft) -> None:
     present = {table: listing for table, listing in _live(nft).items() if listing is not None}
     if present:
         nft.apply(_replacing(present))
         logs.get().info("removed nftables tables", tables=sorted(present))
-    routes.remove_for(opts)
 
 
 def verify(opts: Options, ruleset: NftRuleset) -> list[str]:

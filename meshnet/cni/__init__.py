@@ -1,0 +1,1 @@
+"""The sidecar-mode CNI plugin (meshnet-cni) and its installer."""

@@ -1,0 +1,3 @@
+from meshnet.cni.plugin import main
+
+main()

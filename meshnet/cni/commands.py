@@ -1,0 +1,165 @@
+"""The CNI commands: ADD applies the pod's rules, CHECK verifies them, DEL removes them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+from meshnet import engine, logs, netns, options, planner, routes
+from meshnet.cni import kube
+from meshnet.cni.plugin import (
+    KUBECONFIG_NAME,
+    SELF_POD_PREFIX,
+    Call,
+    CniError,
+    k8s_args,
+    require_env,
+)
+from meshnet.cni.pod import PodDecision, annotation_of, decide
+from meshnet.environment import HostSystem
+from meshnet.errors import MeshnetError, RouteError
+from meshnet.flags import ENV_ONLY
+from meshnet.model import Ruleset
+from meshnet.options import Options, Raw
+from meshnet.render import transcript
+
+ERR_INTERNAL = 999
+# Env-only options come from the plugin's own environment, as in Istio; nothing else does.
+_PLUGIN_ENV = tuple(flag.env for flag in ENV_ONLY if flag.env)
+
+
+def add(call: Call) -> dict[str, Any]:
+    require_env(call, "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH")
+    decision = _pod_decision(call)
+    if decision.skip_reason is None:
+        _program(call, decision)
+    return _result(call)
+
+
+def check(call: Call) -> None:
+    require_env(call, "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH")
+    decision = _pod_decision(call)
+    if decision.skip_reason is not None:
+        return
+    with netns.entered(call.netns):
+        opts = _options(call, decision)
+        ruleset = planner.plan(opts)
+        if opts.native_nftables:
+            from meshnet import nftengine, nftplan
+
+            drift = nftengine.verify(opts, nftplan.plan_nft(opts))
+        else:
+            drift = engine.verify(engine.families(opts, ruleset))
+    if drift:
+        raise CniError(ERR_INTERNAL, "pod rules drifted: " + "; ".join(drift[:5]))
+
+
+def delete(call: Call) -> None:
+    """Remove every Istio chain and jump (the pod may be gone: no annotations needed)."""
+    if not call.netns or not os.path.exists(netns.resolve(call.netns)):
+        return  # the namespace is gone, and its rules with it
+    with netns.entered(call.netns):
+        if call.config.get("native_nftables"):
+            from meshnet import nftengine
+            from meshnet.backends.nftables import Nft
+
+            nftengine.remove_tables(Nft(cni_mode=True))
+        else:
+            engine.purge(call.netns)
+        try:
+            routes.remove_tproxy(1337, 133, ipv6=True)
+            routes.remove_ipv6_loopback()
+        except RouteError as err:
+            logs.get().info("no routes to remove", error=str(err))
+
+
+def status(call: Call) -> None:
+    """CNI 1.1 STATUS: ready when a rules backend is installed."""
+    tools = (
+        ("nft",) if call.config.get("native_nftables") else ("iptables-restore", "iptables-save")
+    )
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        raise CniError(50, f"plugin not available: {', '.join(missing)} not found in PATH")
+
+
+def gc(call: Call) -> None:
+    """Nothing to collect: a pod's rules live and die with its namespace."""
+
+
+def _pod_decision(call: Call) -> PodDecision:
+    args = k8s_args(call.env)
+    name, namespace = args.get("K8S_POD_NAME", ""), args.get("K8S_POD_NAMESPACE", "")
+    log = logs.get().bind(pod=f"{namespace}/{name}", container=call.env.get("CNI_CONTAINERID"))
+    if name.startswith(SELF_POD_PREFIX) and namespace == call.config.get("pod_namespace"):
+        return _skip(log, "the CNI node agent's own pod")
+    if not name or not namespace:
+        return _skip(log, "not a kubernetes pod")
+    if namespace in (call.config.get("exclude_namespaces") or []):
+        return _skip(log, f"namespace {namespace} is excluded")
+    config = kube.load_kubeconfig(os.path.join(call.run_dir, KUBECONFIG_NAME))
+    pod = kube.get_pod(
+        config,
+        namespace,
+        name,
+        attempts=int(call.config.get("pod_fetch_attempts", 30)),
+        interval=float(call.config.get("pod_fetch_interval", 1.0)),
+    )
+    decision = decide(pod)
+    if decision.skip_reason is not None:
+        return _skip(log, decision.skip_reason)
+    return decision
+
+
+def _skip(log: Any, reason: str) -> PodDecision:
+    log.info("no rules for this pod", reason=reason)
+    return PodDecision(reason, {})
+
+
+def _options(call: Call, decision: PodDecision) -> Options:
+    environ = {name: call.env[name] for name in _PLUGIN_ENV if name in call.env}
+    raw = options.gather({}, environ)
+    for key, text in decision.flags.items():
+        raw[key] = Raw(text, f"annotation {annotation_of(key)}", explicit=True)
+    raw["network_namespace"] = Raw(call.netns, "CNI_NETNS", explicit=True)
+    raw["native_nftables"] = Raw(
+        "true" if call.config.get("native_nftables") else "false", "native_nftables", explicit=True
+    )
+    raw["dns_servers"] = Raw("", "CNI", explicit=True)  # never the host's resolv.conf
+    return options.build(raw, HostSystem())
+
+
+def _program(call: Call, decision: PodDecision) -> None:
+    dry_run_file = call.env.get("DRY_RUN_FILE_PATH", "")
+    with netns.entered(call.netns):
+        opts = _options(call, decision)
+        ruleset = planner.plan(opts)
+        if dry_run_file:
+            _write_transcript(dry_run_file, ruleset)
+        elif opts.native_nftables:
+            from meshnet import nftengine, nftplan
+
+            nftengine.program(opts, nftplan.plan_nft(opts))
+        else:
+            engine.program(opts, ruleset)
+    logs.get().info("pod rules in place", netns=call.netns, dry_run=bool(dry_run_file))
+
+
+def _write_transcript(path: str, ruleset: Ruleset) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(transcript.render(ruleset))
+    except OSError as err:
+        raise MeshnetError(f"cannot write DRY_RUN_FILE_PATH {path}: {err.strerror}") from err
+
+
+def _result(call: Call) -> dict[str, Any]:
+    """prevResult unchanged, in the config's version (Istio's PrintResult)."""
+    previous = call.config.get("prevResult")
+    result: dict[str, Any] = {"cniVersion": call.version}
+    if isinstance(previous, dict):
+        result.update((k, v) for k, v in previous.items() if k.lower() != "cniversion")
+        if call.version == "1.0.0" and result.get("dns") == {}:
+            del result["dns"]
+    return result

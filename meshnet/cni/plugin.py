@@ -1,0 +1,165 @@
+"""`meshnet-cni`: the CNI chained plugin (SPEC-istio §5.1, SPEC.md §6), sidecar mode.
+
+The container runtime runs it once per pod sandbox with the network config on stdin and the
+CNI_* variables in the environment. stdout carries only the CNI result or error; logs go to
+stderr as JSON. Imports stay light (stdlib, planner, engine): this runs ~110 times at once on
+a busy node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from meshnet import logs
+from meshnet.errors import MeshnetError
+
+SUPPORTED_VERSIONS = ("0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+PLUGIN_TYPE = "meshnet-cni"
+KUBECONFIG_NAME = "meshnet-cni-kubeconfig"
+SELF_POD_PREFIX = "meshnet-cni-node-"
+K8S_ARGS = (
+    "IgnoreUnknown",
+    "K8S_POD_NAME",
+    "K8S_POD_NAMESPACE",
+    "K8S_POD_INFRA_CONTAINER_ID",
+    "K8S_POD_UID",
+)
+# CNI spec error codes.
+ERR_INCOMPATIBLE_VERSION = 1
+ERR_INVALID_ENV = 4
+ERR_DECODE = 6
+ERR_INVALID_CONFIG = 7
+ERR_INTERNAL = 999
+
+
+class CniError(MeshnetError):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One invocation: the command, the CNI_* variables and the parsed stdin config."""
+
+    command: str
+    env: Mapping[str, str]
+    config: dict[str, Any]
+
+    @property
+    def version(self) -> str:
+        return str(self.config.get("cniVersion", "0.1.0"))
+
+    @property
+    def netns(self) -> str:
+        return self.env.get("CNI_NETNS", "")
+
+    @property
+    def run_dir(self) -> str:
+        return str(self.config.get("cni_agent_run_dir") or "/var/run/meshnet-cni")
+
+
+def main() -> None:
+    sys.exit(run(sys.stdin.read() if _needs_stdin() else "", os.environ))
+
+
+def _needs_stdin() -> bool:
+    return os.environ.get("CNI_COMMAND", "") not in ("VERSION", "")
+
+
+def run(stdin: str, environ: Mapping[str, str]) -> int:
+    """Handle one CNI call; returns the exit code. Never raises."""
+    command = environ.get("CNI_COMMAND", "")
+    if not command:
+        sys.stderr.write(
+            f"CNI plugin {PLUGIN_TYPE}: supported versions {', '.join(SUPPORTED_VERSIONS)}\n"
+        )
+        return 1
+    version = "1.1.0"
+    try:
+        if command == "VERSION":
+            _print({"cniVersion": "1.1.0", "supportedVersions": list(SUPPORTED_VERSIONS)})
+            return 0
+        call = Call(command, environ, _parse_config(stdin))
+        version = call.version
+        logs.configure("json", f"default:{call.config.get('plugin_log_level') or 'info'}")
+        result = _dispatch(call)
+        if result is not None:
+            _print(result)
+        return 0
+    except CniError as err:
+        return _fail(version, err.code, str(err))
+    except MeshnetError as err:
+        return _fail(version, ERR_INTERNAL, str(err))
+    except Exception as err:  # the runtime must always get a CNI error, never a traceback
+        return _fail(version, ERR_INTERNAL, f"{PLUGIN_TYPE} panicked during {command}: {err!r}")
+
+
+def _dispatch(call: Call) -> dict[str, Any] | None:
+    from meshnet.cni import commands
+
+    handlers = {
+        "ADD": commands.add,
+        "DEL": commands.delete,
+        "CHECK": commands.check,
+        "STATUS": commands.status,
+        "GC": commands.gc,
+    }
+    handler = handlers.get(call.command)
+    if handler is None:
+        raise CniError(ERR_INVALID_ENV, f"unknown CNI_COMMAND: {call.command}")
+    return handler(call)
+
+
+def _parse_config(stdin: str) -> dict[str, Any]:
+    try:
+        config = json.loads(stdin)
+    except ValueError as err:
+        raise CniError(ERR_DECODE, f"failed to parse network configuration: {err}") from None
+    if not isinstance(config, dict):
+        raise CniError(ERR_DECODE, "failed to parse network configuration: not a JSON object")
+    version = str(config.get("cniVersion", "0.1.0"))
+    if version not in SUPPORTED_VERSIONS:
+        raise CniError(
+            ERR_INCOMPATIBLE_VERSION,
+            f"incompatible CNI versions: config is {version!r}, plugin supports "
+            f"{list(SUPPORTED_VERSIONS)}",
+        )
+    return config
+
+
+def k8s_args(environ: Mapping[str, str]) -> dict[str, str]:
+    """CNI_ARGS as libcni's LoadArgs: unknown keys are an error unless IgnoreUnknown is set."""
+    pairs: dict[str, str] = {}
+    for item in filter(None, environ.get("CNI_ARGS", "").split(";")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CniError(ERR_INVALID_ENV, f"ARGS: invalid pair {item!r}")
+        pairs[key] = value
+    ignore = pairs.get("IgnoreUnknown", "").lower() in ("1", "true")
+    unknown = [key for key in pairs if key not in K8S_ARGS]
+    if unknown and not ignore:
+        raise CniError(ERR_INVALID_ENV, f"ARGS: unknown args {unknown}")
+    return pairs
+
+
+def require_env(call: Call, *names: str) -> None:
+    missing = [name for name in names if not call.env.get(name)]
+    if missing:
+        raise CniError(ERR_INVALID_ENV, f"required env variables [{', '.join(missing)}] missing")
+
+
+def _print(document: Mapping[str, Any]) -> None:
+    sys.stdout.write(json.dumps(document, indent=4) + "\n")
+    sys.stdout.flush()
+
+
+def _fail(version: str, code: int, message: str) -> int:
+    logs.get().error(message, code=code)
+    _print({"cniVersion": version, "code": code, "msg": message})
+    return 1

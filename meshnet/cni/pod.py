@@ -1,0 +1,145 @@
+"""A pod object → whether it gets rules, and the istio-iptables options it gets (SPEC-istio §5.2).
+
+Pure: the pod JSON in, a decision and option texts out, keyed like `meshnet.flags`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from meshnet.errors import OptionError
+
+_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
+_FALSE = {"0", "f", "F", "FALSE", "false", "False"}
+STATUS_ANNOTATION = "sidecar.istio.io/status"
+INJECT = "sidecar.istio.io/inject"
+ANNOTATIONS = {  # annotation -> (option key, default)
+    "sidecar.istio.io/interceptionMode": ("inbound_interception_mode", "REDIRECT"),
+    "traffic.sidecar.istio.io/includeOutboundIPRanges": ("service_cidr", "*"),
+    "traffic.sidecar.istio.io/excludeOutboundIPRanges": ("service_exclude_cidr", ""),
+    "traffic.sidecar.istio.io/includeInboundPorts": ("inbound_ports", "*"),
+    "traffic.sidecar.istio.io/excludeOutboundPorts": ("outbound_ports_exclude", "15020"),
+    "traffic.sidecar.istio.io/includeOutboundPorts": ("outbound_ports", ""),
+    "traffic.sidecar.istio.io/excludeInterfaces": ("exclude_interfaces", ""),
+}
+EXCLUDE_INBOUND = "traffic.sidecar.istio.io/excludeInboundPorts"
+REROUTE = ("istio.io/reroute-virtual-interfaces", "traffic.sidecar.istio.io/kubevirtInterfaces")
+ALWAYS_EXCLUDED_INBOUND = ("15020", "15021", "15090")
+
+
+@dataclass(frozen=True, slots=True)
+class PodDecision:
+    skip_reason: str | None  # why the pod gets no rules; None: it gets `flags`
+    flags: dict[str, str]
+
+
+def decide(pod: Mapping[str, Any]) -> PodDecision:
+    """Istio's skip rules in order, then the annotation mapping."""
+    meta = pod.get("metadata") or {}
+    annotations: dict[str, str] = meta.get("annotations") or {}
+    labels: dict[str, str] = meta.get("labels") or {}
+    spec = pod.get("spec") or {}
+    containers = [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
+    proxy = next((c for c in containers if c.get("name") == "istio-proxy"), None)
+    proxy_env = _env(proxy)
+    reason = _skip_reason(containers, proxy, proxy_env, labels, annotations)
+    if reason is not None:
+        return PodDecision(reason, {})
+    return PodDecision(None, _flags(annotations, proxy or {}, proxy_env))
+
+
+def _skip_reason(
+    containers: list[dict[str, Any]],
+    proxy: dict[str, Any] | None,
+    env: dict[str, str],
+    labels: dict[str, str],
+    annotations: dict[str, str],
+) -> str | None:
+    if any(c.get("name") == "istio-init" for c in containers):
+        return "pod has an istio-init container (rules are set up by it)"
+    if env.get("DISABLE_ENVOY", "") in _TRUE:
+        return "istio-proxy has DISABLE_ENVOY=true"
+    if proxy is None:
+        return "pod has no istio-proxy container"
+    args = proxy.get("args") or []
+    if len(args) >= 2 and args[0] == "proxy" and args[1] != "sidecar":
+        return f"istio-proxy is a {args[1]}, not a sidecar"
+    inject = labels.get(INJECT, annotations.get(INJECT))
+    if inject in _FALSE:
+        return f"{INJECT} is false"
+    if STATUS_ANNOTATION not in annotations:
+        return f"pod has no {STATUS_ANNOTATION} annotation"
+    return None
+
+
+def _env(container: Mapping[str, Any] | None) -> dict[str, str]:
+    if container is None:
+        return {}
+    return {e["name"]: str(e.get("value", "")) for e in container.get("env") or [] if "name" in e}
+
+
+def _flags(
+    annotations: dict[str, str], proxy: Mapping[str, Any], env: dict[str, str]
+) -> dict[str, str]:
+    flags = {
+        "envoy_port": "15001",
+        "inbound_capture_port": "15006",
+        "inbound_tunnel_port": "15008",
+        "tproxy_mark": "1337",
+        "tproxy_route_table": "133",
+        "cni_mode": "true",
+    }
+    for annotation, (key, default) in ANNOTATIONS.items():
+        flags[key] = _trimmed_list(annotations.get(annotation, default), key)
+    mode = flags["inbound_interception_mode"]
+    if mode not in ("REDIRECT", "TPROXY"):
+        raise _invalid("sidecar.istio.io/interceptionMode", mode, "expected REDIRECT or TPROXY")
+    flags["local_exclude_ports"] = _exclude_inbound(annotations.get(EXCLUDE_INBOUND))
+    reroute = annotations.get(REROUTE[0], annotations.get(REROUTE[1], ""))
+    flags["kube_virt_interfaces"] = ",".join(p.strip() for p in reroute.split(",") if p.strip())
+    security = proxy.get("securityContext") or {}
+    flags["proxy_uid"] = str(security.get("runAsUser") or 1337)  # 0 or absent: 1337
+    flags["proxy_gid"] = str(security.get("runAsGroup") or 1337)
+    dns = _env_bool(env, "ISTIO_META_DNS_CAPTURE")
+    flags["redirect_dns"] = flags["capture_all_dns"] = dns  # CNI always captures all DNS
+    flags["dual_stack"] = _env_bool(env, "ISTIO_DUAL_STACK")
+    flags["drop_invalid"] = _env_bool(env, "INVALID_DROP")
+    return flags
+
+
+def _trimmed_list(value: str, key: str) -> str:
+    if key in ("service_cidr", "service_exclude_cidr", "inbound_interception_mode"):
+        return value  # Istio does not trim CIDR lists
+    return ",".join(part.strip() for part in value.split(",") if part.strip())
+
+
+def _exclude_inbound(value: str | None) -> str:
+    """Istio's post-processing: the proxy's own ports are always excluded, first come first."""
+    text = (value or "").strip()
+    if text == "*" or "*" in text.split(","):
+        raise _invalid(EXCLUDE_INBOUND, text, "'*' cannot be excluded (it would exclude all)")
+    ports = [p.strip() for p in text.split(",") if p.strip()] + list(ALWAYS_EXCLUDED_INBOUND)
+    return ",".join(dict.fromkeys(ports))
+
+
+def _env_bool(env: dict[str, str], name: str) -> str:
+    # Istio: a parse error only warns and leaves the option off.
+    return "true" if env.get(name, "") in _TRUE else "false"
+
+
+def _invalid(annotation: str, value: str, problem: str) -> OptionError:
+    return OptionError(f'annotation value error for value "{value}" of {annotation}: {problem}')
+
+
+def annotation_of(key: str) -> str:
+    """The annotation that sets an option key, for error messages."""
+    for annotation, (option, _default) in ANNOTATIONS.items():
+        if option == key:
+            return annotation
+    if key == "local_exclude_ports":
+        return EXCLUDE_INBOUND
+    if key == "kube_virt_interfaces":
+        return REROUTE[0]
+    return key

@@ -1,0 +1,57 @@
+"""Istio's CNI plugin dry-run goldens, through the real plugin process (SPEC-istio §4.3)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cni.fakes import FakeApi, get_rules, pod_namespace, run_plugin, write_kubeconfig
+from tests.conftest import RAN
+from tests.netns.harness import require_root_netns
+from tests.support import IN_CI, conformance_dir
+
+SUITE = conformance_dir() / "cni-plugin"
+
+
+def _cases() -> list[Any]:
+    index = SUITE / "cases.json"
+    if not index.is_file():
+        reason = f"conformance corpus not found at {SUITE} (set MESHNET_CONFORMANCE_DIR)"
+        return [pytest.param(None, marks=pytest.mark.skip(reason=reason), id="corpus-missing")]
+    return [pytest.param(case, id=case["name"]) for case in json.loads(index.read_text())]
+
+
+def test_corpus_is_present_in_ci() -> None:
+    if IN_CI:
+        assert (SUITE / "cases.json").is_file(), f"CI needs the conformance corpus at {SUITE}"
+
+
+@pytest.mark.parametrize("case", _cases())
+def test_cni_plugin_golden(case: dict[str, Any], tmp_path: Path) -> None:
+    require_root_netns()
+    netconf = json.loads((SUITE / case["netconf"]).read_text())
+    netconf["cni_agent_run_dir"] = str(tmp_path / "run")
+    transcript = tmp_path / "dry-run.txt"
+    transcript.touch()
+    meta = case["pod"]["metadata"]
+    with FakeApi() as api, pod_namespace() as netns:
+        api.pods[(meta["namespace"], meta["name"])] = case["pod"]
+        write_kubeconfig(tmp_path / "run", api.url)
+        env = {
+            **case["cni_args"],
+            **case["env"],
+            "CNI_NETNS": netns,
+            "CNI_PATH": "/usr/lib/cni",
+            "DRY_RUN_FILE_PATH": str(transcript),
+        }
+        result = run_plugin(env, json.dumps(netconf))
+    assert result.returncode == 0, result.stdout + result.stderr
+    printed = json.loads(result.stdout)
+    assert printed["ips"] == netconf["prevResult"]["ips"]
+    got = get_rules(transcript.read_text())
+    want = get_rules((SUITE / case["golden"]).read_text())
+    assert got and got == want
+    RAN["cni-plugin"] = RAN.get("cni-plugin", 0) + 1
