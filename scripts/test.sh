@@ -5,8 +5,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 
 echo "== ruff"
-.venv/bin/ruff check meshnet tests bench
-.venv/bin/ruff format --check meshnet tests bench
+.venv/bin/ruff check meshnet tests bench cni-plugin
+.venv/bin/ruff format --check meshnet tests bench cni-plugin
 echo "== mypy"
 .venv/bin/mypy
 echo "== pytest"
