@@ -38,11 +38,18 @@ _DEFAULT_ROUTES: dict[int, str] = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6:
 
 
 def configure_for(opts: Options) -> None:
-    """SPEC-istio §2.3 for these options: ::6 on lo with IPv6; TPROXY policy routing."""
-    if opts.enable_ipv6:
-        ensure_ipv6_loopback()
-    if _uses_tproxy_routes(opts):
-        configure_tproxy(opts.tproxy_mark, opts.tproxy_route_table, opts.enable_ipv6)
+    """SPEC-istio §2.3 for these options: ::6 on lo with IPv6; TPROXY policy routing.
+
+    All or nothing: on failure, what this call added is removed again.
+    """
+    added_loopback = opts.enable_ipv6 and ensure_ipv6_loopback()
+    try:
+        if _uses_tproxy_routes(opts):
+            configure_tproxy(opts.tproxy_mark, opts.tproxy_route_table, opts.enable_ipv6)
+    except RouteError:
+        if added_loopback:
+            remove_ipv6_loopback()
+        raise
 
 
 def remove_for(opts: Options) -> None:
@@ -64,14 +71,27 @@ def configure_tproxy(mark: int, table: int, ipv6: bool) -> None:
     Both per family (IPv4, and IPv6 when `ipv6`).
 
     Idempotent: an identical rule is kept as is, an existing route is ignored (Istio's EEXIST).
+    All or nothing: on failure, the rules and routes this call added are removed again.
     """
     with _iproute() as ipr:
         lo = _loopback_index(ipr)
-        for family in _families(ipv6):
-            if not _matching_rules(ipr, family, mark, table):
-                _add_rule(ipr, family, mark, table)
-        for family in _families(ipv6):
-            _add_local_route(ipr, family, table, lo)
+        rules: list[int] = []
+        added_routes: list[int] = []
+        try:
+            for family in _families(ipv6):
+                if not _matching_rules(ipr, family, mark, table):
+                    _add_rule(ipr, family, mark, table)
+                    rules.append(family)
+            for family in _families(ipv6):
+                if _add_local_route(ipr, family, table, lo):
+                    added_routes.append(family)
+        except RouteError:
+            for family in added_routes:
+                _delete_local_route(ipr, family, table, lo)
+            for family in rules:
+                for priority in _matching_rules(ipr, family, mark, table):
+                    _delete_rule(ipr, family, mark, table, priority)
+            raise
 
 
 def remove_tproxy(mark: int, table: int, ipv6: bool) -> None:
@@ -201,14 +221,16 @@ def _route_spec(family: int, table: int, lo: int) -> dict[str, Any]:
     }
 
 
-def _add_local_route(ipr: Any, family: int, table: int, lo: int) -> None:
+def _add_local_route(ipr: Any, family: int, table: int, lo: int) -> bool:
+    """Add the route; False when it was already there."""
     try:
         ipr.route("add", **_route_spec(family, table, lo))
     except _netlink_errors() as err:
         if _code(err) == errno.EEXIST:
-            return
+            return False
         hint = " (is 'lo' up?)" if _code(err) == errno.ENETDOWN else ""
         raise RouteError(f"failed to add route: {_describe(err)}{hint}") from None
+    return True
 
 
 def _delete_local_route(ipr: Any, family: int, table: int, lo: int) -> None:
