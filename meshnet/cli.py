@@ -108,6 +108,20 @@ def validate(**given: str | None) -> None:
     run_validate(given, os.environ)
 
 
+@cli.group("cni")
+def cni() -> None:
+    """The sidecar-mode CNI plugin's node side."""
+
+
+@cni.command("install", context_settings={"ignore_unknown_options": True})
+def cni_install() -> None:
+    """Install meshnet-cni on this node and keep it installed (options are env variables,
+    as Istio's install-cni; see `python -m meshnet.cni.install -h`)."""
+    from meshnet.cni import install
+
+    sys.exit(install.main([], os.environ))
+
+
 @cli.command("demo")
 def demo() -> None:
     """Show interception end to end in throw-away namespaces (needs root; leaves nothing)."""
