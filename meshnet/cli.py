@@ -108,6 +108,31 @@ def validate(**given: str | None) -> None:
     run_validate(given, os.environ)
 
 
+@cli.command("explain", epilog=_ENV_ONLY_HELP)
+@istio_flags
+@click.option(
+    "--probe",
+    "probes",
+    multiple=True,
+    required=True,
+    metavar="SPEC",
+    help="A connection to walk through the rules, e.g. 'out tcp uid=1000 "
+    "dst=10.1.2.3:80' or 'in tcp dst=192.0.2.1:8080' (repeatable).",
+)
+@click.option(
+    "--output",
+    "output",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    help="text (default) or json.",
+)
+def explain(probes: tuple[str, ...], output: str, **given: str | None) -> None:
+    """Show which rules a connection hits and whether it is captured (no root needed)."""
+    from meshnet.run import run_explain
+
+    run_explain(given, os.environ, probes, output)
+
+
 @cli.group("cni")
 def cni() -> None:
     """The sidecar-mode CNI plugin's node side."""

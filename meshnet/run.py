@@ -111,3 +111,27 @@ def run_validate(given: Mapping[str, str | None], environ: Mapping[str, str]) ->
 
     with prepared(given, environ) as (opts, _ruleset):
         validation.run(opts)
+
+
+def run_explain(
+    given: Mapping[str, str | None],
+    environ: Mapping[str, str],
+    specs: tuple[str, ...],
+    output: str,
+) -> None:
+    """Walk each probe through the plan these flags give (nft plan with --native-nftables)."""
+    import json
+
+    from meshnet import explain, nftplan, probe
+
+    probes = [probe.parse(spec) for spec in specs]  # bad syntax fails before anything else
+    with prepared(given, environ) as (opts, ruleset):
+        if opts.native_nftables:
+            nft_plan = nftplan.plan_nft(opts)
+            results = [explain.explain_nft(nft_plan, p) for p in probes]
+        else:
+            results = [explain.explain_iptables(ruleset, p) for p in probes]
+    if output == "json":
+        click.echo(json.dumps([explain.render_json(r) for r in results], indent=2))
+    else:
+        click.echo("\n".join(explain.render_text(r) for r in results), nl=False)
