@@ -22,6 +22,7 @@ import pytest
 
 from tests.support import meshnet
 
+from . import explain_oracle
 from .harness import (
     FAMILIES,
     PYTHON,
@@ -57,7 +58,7 @@ STANDARD = {
 }
 
 family_param = pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.name)
-BACKENDS = ("nft", "legacy")
+BACKENDS = ("nft", "legacy", "native-nftables")
 
 
 def istio_flags(**overrides: str | None) -> list[str]:
@@ -80,11 +81,37 @@ def apply_rules(
     argv = ["istio-iptables", *flags]
     if fam.version == 6:
         argv.append("--dual-stack")
-    if backend is not None:
+    if backend == "native-nftables":
+        argv.append("--native-nftables")
+    elif backend is not None:
         argv += ["--force-iptables-binary", backend]
     argv += ["--network-namespace", str(topo.pod_path)]
     result = meshnet(argv, env)
     assert result.returncode == 0, f"meshnet {argv} exited {result.returncode}: {result.stderr}"
+    explain_oracle.record(topo, argv, env)
+
+
+@pytest.fixture(autouse=True)
+def explain_agrees_with_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every probe of this file is also walked through the plan by `explain` and compared."""
+    original = Topology.probe
+
+    def probe(
+        self: Topology,
+        ns: str,
+        dst: str,
+        port: int,
+        proto: str = "tcp",
+        uid: int | None = 0,
+        gid: int | None = 0,
+        timeout: float = 2.0,
+        src: str | None = None,
+    ) -> Landing:
+        landing = original(self, ns, dst, port, proto, uid, gid, timeout, src)
+        explain_oracle.check(self, ns, dst, port, proto, uid, gid, landing)
+        return landing
+
+    monkeypatch.setattr(Topology, "probe", probe)
 
 
 @dataclass(frozen=True)
@@ -190,8 +217,15 @@ def standard_pod(topology: Topology, request: pytest.FixtureRequest) -> Standard
 
 def test_standard_rules_are_in_the_forced_backend(standard_pod: StandardPod) -> None:
     topo, fam, backend = standard_pod.topo, standard_pod.fam, standard_pod.backend
-    other = "legacy" if backend == "nft" else "nft"
     binary = "ip6tables" if fam.version == 6 else "iptables"
+    if backend == "native-nftables":
+        tables = topo.exec(topo.pod_ns, ["nft", "list", "tables"], check=True).stdout
+        assert "table inet istio-proxy-nat" in tables
+        for variant in ("nft", "legacy"):
+            saved = topo.exec(topo.pod_ns, [f"{binary}-{variant}-save", "-t", "nat"]).stdout
+            assert "ISTIO_OUTPUT" not in saved
+        return
+    other = "legacy" if backend == "nft" else "nft"
     used = topo.exec(topo.pod_ns, [f"{binary}-{backend}-save", "-t", "nat"], check=True)
     assert "-A ISTIO_OUTPUT" in used.stdout
     unused = topo.exec(topo.pod_ns, [f"{binary}-{other}-save", "-t", "nat"])
