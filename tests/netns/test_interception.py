@@ -58,6 +58,10 @@ STANDARD = {
 }
 
 family_param = pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.name)
+# The iptables plan (default backend) and the same plan as native nftables (SPEC-istio §3.7).
+engine_param = pytest.mark.parametrize(
+    "engine", [None, "native-nftables"], ids=["iptables", "nftables"]
+)
 BACKENDS = ("nft", "legacy", "native-nftables")
 
 
@@ -287,8 +291,13 @@ def test_standard_proxy_to_own_pod_ip_goes_through_inbound(standard_pod: Standar
 def pod(topology: Topology) -> Callable[..., Topology]:
     """Apply flags to the plain topology and start every listener; returns the topology."""
 
-    def setup(fam: Family, flags: Sequence[str], env: Mapping[str, str] | None = None) -> Topology:
-        apply_rules(topology, fam, flags, env)
+    def setup(
+        fam: Family,
+        flags: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        engine: str | None = None,
+    ) -> Topology:
+        apply_rules(topology, fam, flags, env, backend=engine)
         start_listeners(topology)
         return topology
 
@@ -509,10 +518,11 @@ def test_kube_virt_interface_traffic_is_treated_as_outbound(
 
 
 @family_param
+@engine_param
 def test_capture_all_dns_redirects_udp_and_tcp_to_dns_port(
-    pod: Callable[..., Topology], fam: Family
+    pod: Callable[..., Topology], fam: Family, engine: str | None
 ) -> None:
-    topo = pod(fam, [*istio_flags(), "--redirect-dns", "--capture-all-dns"])
+    topo = pod(fam, [*istio_flags(), "--redirect-dns", "--capture-all-dns"], engine=engine)
     for proto in ("udp", "tcp"):
         landing = app_probe(topo, fam.peer, 53, proto=proto)
         assert_landed(landing, "dns", DNS_PORT, peer=fam.pod)
@@ -522,10 +532,11 @@ def test_capture_all_dns_redirects_udp_and_tcp_to_dns_port(
 
 
 @family_param
+@engine_param
 def test_capture_all_dns_lets_the_proxys_own_queries_out(
-    pod: Callable[..., Topology], fam: Family
+    pod: Callable[..., Topology], fam: Family, engine: str | None
 ) -> None:
-    topo = pod(fam, [*istio_flags(), "--redirect-dns", "--capture-all-dns"])
+    topo = pod(fam, [*istio_flags(), "--redirect-dns", "--capture-all-dns"], engine=engine)
     assert_landed(app_probe(topo, fam.peer, 53, proto="udp"), "dns", DNS_PORT)  # control
     for proto in ("udp", "tcp"):
         landing = topo.probe(topo.pod_ns, fam.peer, 53, proto=proto, uid=PROXY_UID, gid=PROXY_UID)
@@ -593,7 +604,13 @@ def send_invalid_fin(topo: Topology, fam: Family, port: int, wait: float) -> boo
 
 
 def drop_counter(topo: Topology, fam: Family) -> int:
-    """Packets the ISTIO_DROP rule dropped, from whichever iptables backend holds it."""
+    """Packets the drop rule dropped, from whichever backend holds it (nft tables first)."""
+    listing = topo.exec(
+        topo.pod_ns, ["nft", "list", "chain", "inet", "istio-proxy-mangle", "istio-drop"]
+    ).stdout
+    counted = re.search(r"counter packets (\d+) bytes \d+ drop", listing)
+    if counted:
+        return int(counted.group(1))
     binary = "ip6tables" if fam.version == 6 else "iptables"
     for variant in ("nft", "legacy"):
         argv = [f"{binary}-{variant}-save", "-c", "-t", "mangle"]
@@ -605,10 +622,11 @@ def drop_counter(topo: Topology, fam: Family) -> int:
 
 
 @family_param
+@engine_param
 def test_drop_invalid_keeps_normal_traffic_working(
-    pod: Callable[..., Topology], fam: Family
+    pod: Callable[..., Topology], fam: Family, engine: str | None
 ) -> None:
-    topo = pod(fam, [*istio_flags(), "--drop-invalid"])
+    topo = pod(fam, [*istio_flags(), "--drop-invalid"], engine=engine)
     assert_captured_outbound(app_probe(topo, fam.peer, 80), fam, fam.peer, 80)
     assert_inbound_captured(topo, fam, 8080)
     landing = topo.probe(topo.pod_ns, fam.peer, 80, uid=PROXY_UID, gid=PROXY_UID)
@@ -618,13 +636,14 @@ def test_drop_invalid_keeps_normal_traffic_working(
 
 
 @family_param
+@engine_param
 def test_drop_invalid_drops_a_packet_conntrack_calls_invalid(
-    topology: Topology, fam: Family
+    topology: Topology, fam: Family, engine: str | None
 ) -> None:
     closed_port = 9999
     # Control: without the rules, the pod's stack answers the stray FIN with a RST.
     assert send_invalid_fin(topology, fam, closed_port, wait=2.0)
-    apply_rules(topology, fam, [*istio_flags(), "--drop-invalid"])
+    apply_rules(topology, fam, [*istio_flags(), "--drop-invalid"], backend=engine)
     dropped_before = drop_counter(topology, fam)
     assert not send_invalid_fin(topology, fam, closed_port, wait=0.5)
     assert drop_counter(topology, fam) > dropped_before
@@ -653,8 +672,8 @@ def has_local_default(routes: str) -> bool:
     return re.search(r"^local default dev lo\b", routes, re.MULTILINE) is not None
 
 
-def tproxy_pod(topo: Topology, fam: Family, *extra: str) -> Topology:
-    apply_rules(topo, fam, [*istio_flags(m="TPROXY"), *extra])
+def tproxy_pod(topo: Topology, fam: Family, *extra: str, engine: str | None = None) -> Topology:
+    apply_rules(topo, fam, [*istio_flags(m="TPROXY"), *extra], backend=engine)
     start_listeners(topo, tproxy=True)
     return topo
 
@@ -669,15 +688,21 @@ def assert_tproxied(topo: Topology, fam: Family, port: int) -> None:
 
 
 @family_param
-def test_tproxy_inbound_preserves_the_peer_address(topology: Topology, fam: Family) -> None:
-    topo = tproxy_pod(topology, fam)
+@engine_param
+def test_tproxy_inbound_preserves_the_peer_address(
+    topology: Topology, fam: Family, engine: str | None
+) -> None:
+    topo = tproxy_pod(topology, fam, engine=engine)
     assert_tproxied(topo, fam, 8080)
     assert_tproxied(topo, fam, 9090)
 
 
 @family_param
-def test_tproxy_excluded_inbound_port_reaches_admin(topology: Topology, fam: Family) -> None:
-    topo = tproxy_pod(topology, fam)
+@engine_param
+def test_tproxy_excluded_inbound_port_reaches_admin(
+    topology: Topology, fam: Family, engine: str | None
+) -> None:
+    topo = tproxy_pod(topology, fam, engine=engine)
     landing = topo.probe(topo.peer_ns, fam.pod, 15021)
     assert_landed(landing, "admin", 15021, orig_dst=fam.addr(fam.pod, 15021), peer=fam.peer)
     assert landing.local == fam.addr(fam.pod, 15021), landing.where
@@ -685,8 +710,9 @@ def test_tproxy_excluded_inbound_port_reaches_admin(topology: Topology, fam: Fam
 
 
 @family_param
-def test_tproxy_installs_policy_route(topology: Topology, fam: Family) -> None:
-    topo = tproxy_pod(topology, fam)
+@engine_param
+def test_tproxy_installs_policy_route(topology: Topology, fam: Family, engine: str | None) -> None:
+    topo = tproxy_pod(topology, fam, engine=engine)
     assert has_rule(ip_rules(topo, fam), 1337, 133), ip_rules(topo, fam)
     assert has_local_default(ip_routes(topo, fam, 133)), ip_routes(topo, fam, 133)
     if fam.version == 6:  # the inbound passthrough source address (SPEC-istio §2.3)
@@ -695,8 +721,11 @@ def test_tproxy_installs_policy_route(topology: Topology, fam: Family) -> None:
 
 
 @family_param
-def test_tproxy_outbound_still_captured(topology: Topology, fam: Family) -> None:
-    topo = tproxy_pod(topology, fam)
+@engine_param
+def test_tproxy_outbound_still_captured(
+    topology: Topology, fam: Family, engine: str | None
+) -> None:
+    topo = tproxy_pod(topology, fam, engine=engine)
     assert_captured_outbound(app_probe(topo, fam.peer, 80), fam, fam.peer, 80)
     landing = topo.probe(topo.pod_ns, fam.peer, 80, uid=PROXY_UID, gid=PROXY_UID)
     assert_direct(landing, fam.peer, 80)
