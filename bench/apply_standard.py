@@ -80,23 +80,29 @@ def sample(runs: int, measure: Callable[[], float]) -> dict[str, float]:
     return {"median": statistics.median(times), "min": min(times), "max": max(times)}
 
 
-def restore_text() -> str:
-    dry = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "meshnet",
-            "istio-iptables",
-            *STANDARD,
-            "--enable-ipv6",
-            "false",
-            "--dry-run",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+def dry_run(*extra: str) -> str:
+    """The text meshnet would apply (comment lines dropped), from its own dry run."""
+    argv = [
+        sys.executable,
+        "-m",
+        "meshnet",
+        "istio-iptables",
+        *STANDARD,
+        "--enable-ipv6",
+        "false",
+        "--dry-run",
+        *extra,
+    ]
+    dry = subprocess.run(argv, capture_output=True, text=True, check=True)
     return "".join(line + "\n" for line in dry.stdout.splitlines() if not line.startswith("#"))
+
+
+# backend -> (the bare tool that is the floor, meshnet's flags for that backend)
+BACKENDS = {
+    "nft": (["iptables-nft-restore", "--noflush"], ["--force-iptables-binary", "nft"]),
+    "legacy": (["iptables-legacy-restore", "--noflush"], ["--force-iptables-binary", "legacy"]),
+    "native-nftables": (["nft", "-f", "-"], ["--native-nftables"]),
+}
 
 
 def main() -> None:
@@ -105,22 +111,22 @@ def main() -> None:
     runs = parser.parse_args().runs
     if os.geteuid() != 0:
         sys.exit("run as root: the benchmark creates network namespaces")
-    text = restore_text()
+    texts = {"iptables": dry_run(), "nft": dry_run("--native-nftables", "--output-format", "nft")}
     interpreter = sample(runs, lambda: timed([sys.executable, "-c", "pass"]))
     results: dict[str, dict[str, object]] = {}
-    for backend in ("nft", "legacy"):
-        bare = sample(runs, lambda b=backend: timed([f"iptables-{b}-restore", "--noflush"], text))
+    for backend, (floor_argv, flags) in BACKENDS.items():
+        text = texts["nft" if backend == "native-nftables" else "iptables"]
+        bare = sample(runs, lambda a=floor_argv, t=text: timed(a, t))  # type: ignore[misc]
         meshnet = sample(
             runs,
-            lambda b=backend: timed(
+            lambda f=flags: timed(  # type: ignore[misc]
                 [
                     sys.executable,
                     "-m",
                     "meshnet",
                     "istio-iptables",
                     *STANDARD,
-                    "--force-iptables-binary",
-                    b,
+                    *f,
                     "--log_output_level",
                     "default:warn",
                 ]
@@ -147,7 +153,7 @@ def report(runs: int, interpreter: dict[str, float], results: dict[str, dict[str
     print(f"apply of the standard sidecar rules, {runs} runs each, fresh namespace per run")
     print(f"  interpreter start (python -c pass): {ms(interpreter)}")
     for backend, row in results.items():
-        print(f"  [{backend}] bare iptables-restore : {ms(row['bare_restore'])}")
+        print(f"  [{backend}] bare restore / nft -f : {ms(row['bare_restore'])}")
         print(f"  [{backend}] meshnet istio-iptables: {ms(row['meshnet'])}")
         print(f"  [{backend}] ratio meshnet / (interpreter + bare restore): {row['ratio']:.2f}")
     out = REPO / "bench" / "results" / "apply_standard.json"

@@ -3,7 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(iptables nftables iproute2 python3-venv containernetworking-plugins procps)
+packages=(iptables nftables iproute2 python3-venv containernetworking-plugins procps
+          golang-go golang-github-appc-cni-dev)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -31,6 +31,7 @@ _PLUGIN_ENV = tuple(flag.env for flag in ENV_ONLY if flag.env)
 
 def add(call: Call) -> dict[str, Any]:
     require_env(call, "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH")
+    _refuse_own_namespace(call)
     decision = _pod_decision(call)
     if decision.skip_reason is None:
         _program(call, decision)
@@ -39,6 +40,7 @@ def add(call: Call) -> dict[str, Any]:
 
 def check(call: Call) -> None:
     require_env(call, "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH")
+    _refuse_own_namespace(call)
     decision = _pod_decision(call)
     if decision.skip_reason is not None:
         return
@@ -86,6 +88,17 @@ def status(call: Call) -> None:
 
 def gc(call: Call) -> None:
     """Nothing to collect: a pod's rules live and die with its namespace."""
+
+
+def _refuse_own_namespace(call: Call) -> None:
+    """As skel: never program the namespace the plugin itself runs in (the node's)."""
+    try:
+        target = os.stat(netns.resolve(call.netns))
+    except OSError:
+        return  # reported with a clear message when it is entered
+    own = os.stat("/proc/self/ns/net")
+    if (target.st_dev, target.st_ino) == (own.st_dev, own.st_ino):
+        raise CniError(4, "plugin's netns and netns from CNI_NETNS should not be the same")
 
 
 def _pod_decision(call: Call) -> PodDecision:

@@ -74,6 +74,7 @@ def _needs_stdin() -> bool:
 
 def run(stdin: str, environ: Mapping[str, str]) -> int:
     """Handle one CNI call; returns the exit code. Never raises."""
+    logs.configure("json")  # before anything can log: stdout is reserved for the CNI result
     command = environ.get("CNI_COMMAND", "")
     if not command:
         sys.stderr.write(
@@ -100,9 +101,16 @@ def run(stdin: str, environ: Mapping[str, str]) -> int:
         return _fail(version, ERR_INTERNAL, f"{PLUGIN_TYPE} panicked during {command}: {err!r}")
 
 
+# The first spec version that has each command; older configs are refused as skel does.
+_SINCE = {"CHECK": "0.4.0", "STATUS": "1.1.0", "GC": "1.1.0"}
+
+
 def _dispatch(call: Call) -> dict[str, Any] | None:
     from meshnet.cni import commands
 
+    since = _SINCE.get(call.command)
+    if since is not None and _version_tuple(call.version) < _version_tuple(since):
+        raise CniError(ERR_INCOMPATIBLE_VERSION, f"config version does not allow {call.command}")
     handlers = {
         "ADD": commands.add,
         "DEL": commands.delete,
@@ -114,6 +122,10 @@ def _dispatch(call: Call) -> dict[str, Any] | None:
     if handler is None:
         raise CniError(ERR_INVALID_ENV, f"unknown CNI_COMMAND: {call.command}")
     return handler(call)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
 
 
 def _parse_config(stdin: str) -> dict[str, Any]:

@@ -129,3 +129,140 @@ def get_rules(text: str) -> dict[str, str]:
         if lines and lines[0].startswith("* "):
             tables[lines[0][2:]] = "\n".join([*lines, "COMMIT"])
     return tables
+
+
+# --------------------------------------------------------------------------- added for the
+# plugin, libcni-chain and load tests (tests/cni/test_plugin.py, test_libcni_chain.py,
+# test_load.py) and bench/cni_add.py.
+
+OWN_NETNS: set[str] = set()
+"""Every namespace created through `make_netns_batch` (or `netns_group`) in this process."""
+
+CNI_ARGS_PREFIX = "IgnoreUnknown=1"  # what containerd and CRI-O always send first
+
+
+def mesh_pod(
+    name: str = "web-0",
+    namespace: str = "default",
+    annotations: Mapping[str, str] | None = None,
+    labels: Mapping[str, str] | None = None,
+    proxy_args: list[str] | None = None,
+    proxy: bool = True,
+) -> dict[str, Any]:
+    """A sidecar-injected pod object as the API server returns it (cases.json's shape)."""
+    containers: list[dict[str, Any]] = [{"name": "app", "resources": {}}]
+    if proxy:
+        sidecar: dict[str, Any] = {"name": "istio-proxy", "resources": {}, "securityContext": {}}
+        sidecar["args"] = proxy_args if proxy_args is not None else ["proxy", "sidecar"]
+        containers.append(sidecar)
+    return {
+        "kind": "Pod",
+        "apiVersion": "v1",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": dict(labels or {}),
+            "annotations": {"sidecar.istio.io/status": "{}", **(annotations or {})},
+        },
+        "spec": {"containers": containers},
+        "status": {},
+    }
+
+
+def cni_env(
+    command: str,
+    netns: str,
+    pod_name: str = "web-0",
+    pod_ns: str = "default",
+    container_id: str = "ctr-0",
+    args: str | None = None,
+) -> dict[str, str]:
+    """The CNI_* variables a runtime sets for one call (args=None: the usual K8S_* args)."""
+    if args is None:
+        args = f"{CNI_ARGS_PREFIX};K8S_POD_NAMESPACE={pod_ns};K8S_POD_NAME={pod_name}"
+    return {
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": container_id,
+        "CNI_NETNS": netns,
+        "CNI_IFNAME": "eth0",
+        "CNI_PATH": "/usr/lib/cni",
+        "CNI_ARGS": args,
+    }
+
+
+def widen_backlog(api: FakeApi, backlog: int = 1024) -> None:
+    """Raise the listen backlog (socketserver's default is 5): 110 plugins connect at once."""
+    api.server.socket.listen(backlog)
+
+
+def _ns_name(path_or_name: str) -> str:
+    return path_or_name.rsplit("/", 1)[-1]
+
+
+def in_netns(ns: str, argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """`ip netns exec NS ARGV` (ns: a name or /var/run/netns/NAME), output captured."""
+    return subprocess.run(
+        ["ip", "netns", "exec", _ns_name(ns), *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def netns_state(ns: str) -> str:
+    """Everything a CNI call could change in a namespace's netfilter, minus comments."""
+    parts = []
+    for argv in (["iptables-save"], ["ip6tables-save"], ["nft", "list", "ruleset"]):
+        out = in_netns(ns, argv).stdout
+        parts.append("\n".join(line for line in out.splitlines() if not line.startswith("#")))
+    return "\n---\n".join(parts)
+
+
+def make_netns_batch(names: list[str], address: str | None = "192.0.2.1/24") -> None:
+    """Create namespaces with lo up, all in one `ip -batch` (recorded in OWN_NETNS first).
+
+    address: also `eth0` (a veth whose peer stays inside) with this address, up: a pod has an
+    address, and the plugin's IPv6 detection, like Istio's, fails without one. None: lo only.
+    """
+    import tempfile
+
+    OWN_NETNS.update(names)
+    setup = ["link set lo up"]
+    if address is not None:
+        setup += ["link add eth0 type veth peer name eth1", f"addr add {address} dev eth0"]
+        setup += ["link set eth0 up"]
+    with tempfile.NamedTemporaryFile("w", prefix="meshnet-netns-", suffix=".batch") as batch:
+        batch.write("".join(f"{line}\n" for line in setup))
+        batch.flush()
+        commands = "".join(f"netns add {n}\n" for n in names)
+        commands += "".join(f"netns exec {n} ip -batch {batch.name}\n" for n in names)
+        subprocess.run(["ip", "-batch", "-"], input=commands, text=True, check=True, timeout=120)
+
+
+def delete_netns_batch(names: list[str]) -> list[str]:
+    """Delete those of `names` that exist; returns the ones still present afterwards."""
+    present = [n for n in names if os.path.exists(f"/var/run/netns/{n}")]
+    if present:
+        subprocess.run(
+            ["ip", "-force", "-batch", "-"],
+            input="".join(f"netns del {n}\n" for n in present),
+            text=True,
+            capture_output=True,
+            check=False,
+            timeout=120,
+        )
+    return [n for n in names if os.path.exists(f"/var/run/netns/{n}")]
+
+
+@contextmanager
+def netns_group(names: list[str], address: str | None = "192.0.2.1/24") -> Iterator[list[str]]:
+    """Namespaces created together (see make_netns_batch) and always deleted together;
+    yields their paths."""
+    try:
+        make_netns_batch(names, address)
+        yield [f"/var/run/netns/{n}" for n in names]
+    finally:
+        left = delete_netns_batch(names)
+        if left:
+            raise RuntimeError(f"could not delete namespaces {left}")
