@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from meshnet import logs, netns, routes, state
+from meshnet.backends import ipset
 from meshnet.backends.iptables import IptablesRunner, detect
 from meshnet.cleanup import cleanup_commands
 from meshnet.errors import BackendError, DriftError, MeshnetError
-from meshnet.model import Family, Rule, Ruleset
+from meshnet.model import Family, IpSet, Rule, Ruleset
 from meshnet.options import Options
 from meshnet.render.restore import restore_lines
 
@@ -37,6 +38,7 @@ class FamilyPlan:
     family: Family
     runner: IptablesRunner | None
     rules: tuple[Rule, ...]
+    sets: tuple[IpSet, ...] = ()
 
     @property
     def text(self) -> str:
@@ -53,7 +55,8 @@ class FamilyPlan:
         """The plan as iptables-save would print it once applied."""
         if not self.rules:
             return state.parse_save("")
-        return state.parse_save(self.require_runner().canonicalize(self.text))
+        prepare = (lambda: ipset.load(self.sets)) if self.sets else None
+        return state.parse_save(self.require_runner().canonicalize(self.text, prepare))
 
     @cached_property
     def initial_save(self) -> str | None:
@@ -97,7 +100,12 @@ def families(opts: Options, ruleset: Ruleset) -> list[FamilyPlan]:
     logs.get().info(
         "iptables binaries", ipv4=v4.binary.binary, ipv6=v6.binary.binary if v6 else None
     )
-    return [FamilyPlan("ipv4", v4, ruleset.ipv4), FamilyPlan("ipv6", v6, ruleset.ipv6)]
+    if ruleset.ipsets:
+        ipset.require()
+    return [
+        FamilyPlan("ipv4", v4, ruleset.ipv4, ruleset.sets("ipv4")),
+        FamilyPlan("ipv6", v6, ruleset.ipv6, ruleset.sets("ipv6")),
+    ]
 
 
 def assess(plans: list[FamilyPlan]) -> Assessment:
@@ -113,7 +121,7 @@ def assess(plans: list[FamilyPlan]) -> Assessment:
             continue
         expected = plan.canonical
         ours = ours or bool(current.istio_chains())
-        lines = state.diff_states(expected, current)
+        lines = state.diff_states(expected, current) + ipset.diff(plan.sets)
         drift += [f"{plan.family} {line}" for line in lines]
         # Istio never checks order: only missing rules, chains and ISTIO_* counts are a delta.
         delta = any("out of order" not in line for line in lines)
@@ -157,7 +165,10 @@ def _apply_all_or_nothing(
     """Apply every family; on any failure put every table back as it was found."""
     active = [p for p in plans if p.rules]
     snapshots = {p.family: p.initial_save or "" for p in active}
+    sets = [s for p in active for s in p.sets]
+    had_sets = ipset.existing() if sets else set()
     try:
+        ipset.load(sets)  # complete before any rule can match against them
         with _guardrails(active) if reconcile else nullcontext():
             if reconcile:
                 logs.get().info("reconciling: removing the drifted rules before applying")
@@ -171,12 +182,14 @@ def _apply_all_or_nothing(
     except MeshnetError:
         for plan in active:
             _roll_back(plan, snapshots[plan.family])
+        ipset.destroy(s.name for s in sets if s.name not in had_sets)
         raise
 
 
 def _read_back(plans: list[FamilyPlan]) -> None:
     for plan in plans:
         lines = state.diff_states(plan.canonical, state.parse_save(plan.read_save() or ""))
+        lines += ipset.diff(plan.sets)
         if lines:
             shown = "; ".join(lines[:5])
             raise BackendError(f"{plan.family} rules read back differ from the plan: {shown}")
@@ -232,6 +245,7 @@ def clean(opts: Options, plans: list[FamilyPlan]) -> None:
         if plan.rules and plan.runner is not None:
             _remove_planned(plan)
             logs.get().info("removed rules", family=plan.family)
+    ipset.destroy(s.name for plan in plans for s in plan.sets)  # after the rules using them
     routes.remove_for(opts)
 
 
@@ -242,7 +256,7 @@ def verify(plans: list[FamilyPlan]) -> list[str]:
         if not plan.rules:
             continue
         current = state.parse_save(plan.initial_save or "")
-        diff = state.diff_states(plan.canonical, current)
+        diff = state.diff_states(plan.canonical, current) + ipset.diff(plan.sets)
         lines += [f"{plan.family} {line}" for line in diff]
     return lines
 

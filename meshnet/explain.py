@@ -77,11 +77,12 @@ class _Walk:
 
 def explain_iptables(ruleset: Ruleset, probe: Probe) -> Explanation:
     tables: dict[str, Chains] = {}
+    sets = {s.name: s.members for s in ruleset.ipsets}
     if probe.family == "ipv4" or ruleset.ipv6_enabled:
         tables = {
             table: {
                 chain: [
-                    _parse_iptables(rule.spec, " ".join(rule.append_form()), rule.reason)
+                    _parse_iptables(rule.spec, " ".join(rule.append_form()), rule.reason, sets)
                     for rule in rules
                 ]
                 for chain, rules in chains.items()
@@ -96,6 +97,7 @@ def explain_iptables(ruleset: Ruleset, probe: Probe) -> Explanation:
 def explain_nft(ruleset: NftRuleset, probe: Probe) -> Explanation:
     hook = "output" if probe.direction == "out" else "prerouting"
     chains = ruleset.chains()
+    sets = {s.name: s.members for t in ruleset.tables for s in t.sets}
     order = []
     for short, table in (
         ("raw", "istio-proxy-raw"),
@@ -103,7 +105,7 @@ def explain_nft(ruleset: NftRuleset, probe: Probe) -> Explanation:
         ("nat", "istio-proxy-nat"),
     ):
         parsed = {
-            chain: [_parse_nft(rule.spec, rule.text, rule.reason) for rule in rules]
+            chain: [_parse_nft(rule.spec, rule.text, rule.reason, sets) for rule in rules]
             for chain, rules in chains.get(table, {}).items()
         }
         order.append((short, parsed, hook))
@@ -115,13 +117,17 @@ def explain_nft(ruleset: NftRuleset, probe: Probe) -> Explanation:
     )
 
 
-def _parse_iptables(spec: Sequence[str], text: str, reason: str) -> ParsedRule:
-    conditions, actions = syntax.parse_iptables(spec)
+def _parse_iptables(
+    spec: Sequence[str], text: str, reason: str, sets: Mapping[str, Sequence[str]]
+) -> ParsedRule:
+    conditions, actions = syntax.parse_iptables(spec, sets)
     return ParsedRule(text, reason, tuple(conditions), tuple(actions))
 
 
-def _parse_nft(spec: Sequence[str], text: str, reason: str) -> ParsedRule:
-    conditions, actions = syntax.parse_nft(spec)
+def _parse_nft(
+    spec: Sequence[str], text: str, reason: str, sets: Mapping[str, Sequence[str]]
+) -> ParsedRule:
+    conditions, actions = syntax.parse_nft(spec, sets)
     return ParsedRule(text, reason, tuple(conditions), tuple(actions))
 
 

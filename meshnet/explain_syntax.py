@@ -9,7 +9,7 @@ else is an error, so a new rule shape cannot be silently misread.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from meshnet.probe import Probe
@@ -76,6 +76,11 @@ def _state(states: str) -> Condition:
     return lambda p, k: p.state in states.lower().split(",")
 
 
+def _in_set(members: Sequence[str]) -> Condition:
+    tests = [_address("dst", member) for member in members]
+    return lambda p, k: any(test(p, k) for test in tests)
+
+
 def _mark(value: str, conntrack: bool) -> Condition:
     expected = int(value.split("/")[0], 0)
     return lambda p, k: (k.ctmark if conntrack else k.mark) == expected
@@ -84,7 +89,9 @@ def _mark(value: str, conntrack: bool) -> Condition:
 # --- iptables -------------------------------------------------------------------------------
 
 
-def parse_iptables(spec: Sequence[str]) -> tuple[list[Condition], list[Action]]:
+def parse_iptables(
+    spec: Sequence[str], sets: Mapping[str, Sequence[str]] | None = None
+) -> tuple[list[Condition], list[Action]]:
     conditions: list[Condition] = []
     negated = False
     module = ""
@@ -93,6 +100,10 @@ def parse_iptables(spec: Sequence[str]) -> tuple[list[Condition], list[Action]]:
         token = spec[index]
         if token == "!":
             negated = True
+        elif token == "--match-set":  # --match-set NAME dst (meshnet's --cidr-sets)
+            members = (sets or {})[spec[index + 1]]
+            conditions.append(_negate(_in_set(members), negated))
+            negated, index = False, index + 2
         elif token == "-j":
             return conditions, _iptables_target(spec[index + 1], spec[index + 2 :])
         elif token == "-m":
@@ -163,7 +174,9 @@ _SELECTORS = {
 _SINGLE = {"oifname", "iifname", "skuid", "skgid", "mark"}
 
 
-def parse_nft(spec: Sequence[str]) -> tuple[list[Condition], list[Action]]:
+def parse_nft(
+    spec: Sequence[str], sets: Mapping[str, Sequence[str]] | None = None
+) -> tuple[list[Condition], list[Action]]:
     tokens = list(spec)
     conditions: list[Condition] = []
     actions: list[Action] = []
@@ -178,7 +191,7 @@ def parse_nft(spec: Sequence[str]) -> tuple[list[Condition], list[Action]]:
             actions.append(action)
         elif pair in _SELECTORS or token in _SINGLE:
             width = 2 if pair in _SELECTORS else 1
-            condition, index = _nft_match(tokens, index, width)
+            condition, index = _nft_match(tokens, index, width, sets or {})
             conditions.append(condition)
         else:
             action, index = _nft_verdict(tokens, index)
@@ -203,7 +216,9 @@ def _nft_statement(tokens: Sequence[str], index: int) -> tuple[Action, int]:
     return ("mark", int(value, 0)), index + 4
 
 
-def _nft_match(tokens: Sequence[str], index: int, width: int) -> tuple[Condition, int]:
+def _nft_match(
+    tokens: Sequence[str], index: int, width: int, sets: Mapping[str, Sequence[str]]
+) -> tuple[Condition, int]:
     selector = tokens[index : index + width]
     index += width
     negated = tokens[index] == "!="
@@ -214,6 +229,11 @@ def _nft_match(tokens: Sequence[str], index: int, width: int) -> tuple[Condition
         index = end + 1
     else:
         values, index = [tokens[index]], index + 1
+    if values[0].startswith("@"):  # a named set (meshnet's --cidr-sets)
+        version = 4 if selector[0] == "ip" else 6
+        members = sets[values[0][1:]]
+        test = _in_set(members)
+        return _negate(lambda p, k: p.dst.version == version and test(p, k), negated), index
     return _negate(_nft_condition(selector, values), negated), index
 
 

@@ -338,6 +338,16 @@ EXTENSIONS: tuple[Flag, ...] = (
         help="[meshnet] What --dry-run prints: restore, transcript, json, nft.",
     ),
     Flag(
+        "cidr_sets",
+        "--cidr-sets",
+        None,
+        "MESHNET_CIDR_SETS",
+        kind="bool",
+        default="false",
+        help="[meshnet] Match -i/-x CIDR lists with one ipset (nft: one named set) per list "
+        "and family instead of one rule per CIDR.",
+    ),
+    Flag(
         "log_format",
         "--log-format",
         None,

@@ -59,6 +59,19 @@ class Rule:
 
 
 @dataclass(frozen=True, slots=True)
+class IpSet:
+    """A set of CIDRs that rules match with `-m set --match-set NAME dst` (--cidr-sets)."""
+
+    name: str
+    family: Family
+    members: tuple[str, ...]
+
+    @property
+    def kernel_family(self) -> str:
+        return "inet6" if self.family == "ipv6" else "inet"
+
+
+@dataclass(frozen=True, slots=True)
 class Ruleset:
     """The planned rules of both families, in emission order."""
 
@@ -66,6 +79,10 @@ class Ruleset:
     ipv6: tuple[Rule, ...]
     ipv6_enabled: bool
     warnings: tuple[str, ...] = field(default=())
+    ipsets: tuple[IpSet, ...] = field(default=())
+
+    def sets(self, family: Family) -> tuple[IpSet, ...]:
+        return tuple(s for s in self.ipsets if s.family == family)
 
     def rules(self, family: Family) -> tuple[Rule, ...]:
         return self.ipv4 if family == "ipv4" else self.ipv6

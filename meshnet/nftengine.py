@@ -114,8 +114,9 @@ def _parse(listing: str | None) -> Listing | None:
     current: list[str] | None = None
     for raw in listing.splitlines():
         line = _COUNTER.sub("counter", raw.strip())
-        if line.startswith("chain "):
-            current = chains.setdefault(line.split()[1], [])
+        if line.startswith(("chain ", "set ")):  # sets (--cidr-sets) are compared too
+            kind, name = line.split()[:2]
+            current = chains.setdefault(name if kind == "chain" else f"set {name}", [])
         elif line == "}":
             current = None
         elif current is not None and line:

@@ -89,6 +89,15 @@ class NftRule:
 
 
 @dataclass(frozen=True, slots=True)
+class NftSet:
+    """A named interval set of CIDRs (--cidr-sets), matched as `ip daddr @NAME`."""
+
+    name: str
+    type: str  # ipv4_addr or ipv6_addr
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class NftTable:
     """One table's part of the transaction.
 
@@ -100,6 +109,7 @@ class NftTable:
     action: Action
     chains: tuple[NftChain, ...] = ()
     rules: tuple[NftRule, ...] = ()
+    sets: tuple[NftSet, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +256,29 @@ def plan_nft(options: Options) -> NftRuleset:
     tables = tuple(
         table for name in TABLES if (table := _transaction(name, b.rules[name])) is not None
     )
+    if tables and tables[0].name == NAT and options.cidr_sets:
+        tables = (replace(tables[0], sets=_sets(options)), *tables[1:])
     return NftRuleset(tables, options.enable_ipv6, warnings)
+
+
+def _sets(o: Options) -> tuple[NftSet, ...]:
+    """The same sets as the iptables plan's ipsets (`planner.ipsets`), as nft interval sets."""
+    from meshnet.planner import ipsets
+
+    return tuple(
+        NftSet(s.name, "ipv6_addr" if s.family == "ipv6" else "ipv4_addr", s.members)
+        for s in ipsets(o)
+    )
+
+
+def _cidr_matches(c: _Context, kind: str, ip: str) -> list[tuple[str, str]]:
+    """(match value, label) per CIDR (Istio), or one `@set` reference with --cidr-sets."""
+    cidrs = c.o.service_exclude_cidr if kind == "exclude" else c.o.service_cidr
+    items = cidrs.v6 if ip == "ip6" else cidrs.v4
+    if c.o.cidr_sets and items:
+        name = f"meshnet-{kind}-{'v6' if ip == 'ip6' else 'v4'}"
+        return [(f"@{name}", f"set {name}")]
+    return [(cidr, cidr) for cidr in items]
 
 
 def _preprocess(o: Options) -> tuple[_Context, tuple[str, ...]]:
@@ -743,10 +775,10 @@ def _loopback_return(b: _Builder, c: _Context) -> None:
 
 def _outbound_cidr_excludes(b: _Builder, c: _Context) -> None:
     """P: -x CIDRs are never captured."""
-    for cidr in c.o.service_exclude_cidr.v4:
-        b.add(NAT, ISTIO_OUTPUT, "ip daddr", cidr, COUNTER, "return", why=f"{cidr} excluded by -x")
-    for cidr in c.o.service_exclude_cidr.v6:
-        why = f"{cidr} excluded by -x"
+    for cidr, what in _cidr_matches(c, "exclude", "ip"):
+        b.add(NAT, ISTIO_OUTPUT, "ip daddr", cidr, COUNTER, "return", why=f"{what} excluded by -x")
+    for cidr, what in _cidr_matches(c, "exclude", "ip6"):
+        why = f"{what} excluded by -x"
         b.add_v6(NAT, ISTIO_OUTPUT, "ip6 daddr", cidr, COUNTER, "return", why=why)
 
 
@@ -777,17 +809,17 @@ def _outbound_include(b: _Builder, c: _Context) -> None:
             why = f"traffic from virtual interface {nic} is captured as outbound"
             b.insert(NAT, PREROUTING, 0, "iifname", nic, COUNTER, "jump", REDIRECT, why=why)
         return
-    families: tuple[tuple[str, tuple[str, ...], _Add, _Insert], ...] = (
-        ("ip", cidrs.v4, b.add, b.insert),
-        ("ip6", cidrs.v6, b.add_v6, b.insert_v6),  # v6 rules only when IPv6 is on
+    families: tuple[tuple[str, _Add, _Insert], ...] = (
+        ("ip", b.add, b.insert),
+        ("ip6", b.add_v6, b.insert_v6),  # v6 rules only when IPv6 is on
     )
-    for ip, items, add, insert in families:
-        for cidr in items:
+    for ip, add, insert in families:
+        for cidr, what in _cidr_matches(c, "include", ip):
             to_cidr = (f"{ip} daddr", cidr, COUNTER, "jump", REDIRECT)
             for nic in nics:
-                why = f"traffic from virtual interface {nic} to {cidr} is captured"
+                why = f"traffic from virtual interface {nic} to {what} is captured"
                 insert(NAT, PREROUTING, 0, "iifname", nic, *to_cidr, why=why)
-            why = f"outbound to {cidr} is captured (-i)"
+            why = f"outbound to {what} is captured (-i)"
             add(NAT, ISTIO_OUTPUT, f"{ip} daddr", cidr, COUNTER, "jump", REDIRECT, why=why)
 
 

@@ -104,6 +104,7 @@ class Options:
     dns_servers_v6: tuple[str, ...]
     output_format: str
     log_format: str
+    cidr_sets: bool
     log_level: str
 
     @property
@@ -178,6 +179,7 @@ def build(raw: Mapping[str, Raw], system: System) -> Options:
         dns_servers_v6=dns_v6,
         output_format=values.choice("output_format", OUTPUT_FORMATS),
         log_format=_log_format(values),
+        cidr_sets=values.boolean("cidr_sets"),
         log_level=raw["log_output_level"].text,
     )
 

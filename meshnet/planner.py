@@ -7,10 +7,11 @@ carries a short reason, shown by `--output-format json` and `explain`.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from meshnet.model import Rule, Ruleset
+from meshnet.model import FAMILIES, Family, IpSet, Rule, Ruleset
 from meshnet.options import Options
 
 LB6 = "::1/128"
@@ -80,7 +81,43 @@ def plan(options: Options) -> Ruleset:
     b = _Builder(ipv6=options.enable_ipv6)
     for step in _STEPS:
         step(b, ctx)
-    return Ruleset(tuple(b.v4), tuple(b.v6), options.enable_ipv6, warnings)
+    return Ruleset(tuple(b.v4), tuple(b.v6), options.enable_ipv6, warnings, ipsets(options))
+
+
+def ipsets(o: Options) -> tuple[IpSet, ...]:
+    """--cidr-sets: one set per CIDR list and family (none without the flag: Istio's rules)."""
+    if not o.cidr_sets:
+        return ()
+    found: list[IpSet] = []
+    for kind, cidrs in (("exclude", o.service_exclude_cidr), ("include", o.service_cidr)):
+        for family in FAMILIES:
+            items = cidrs.v6 if family == "ipv6" else cidrs.v4
+            if items and (family == "ipv4" or o.enable_ipv6):
+                found.append(IpSet(set_name(kind, family), family, _set_members(items)))
+    return tuple(found)
+
+
+def set_name(kind: str, family: Family) -> str:
+    return f"meshnet-{kind}-{'v6' if family == 'ipv6' else 'v4'}"
+
+
+def _set_members(cidrs: tuple[str, ...]) -> tuple[str, ...]:
+    """Networks as the kernel stores them; hash:net cannot hold /0, so it becomes two /1s."""
+    members: list[str] = []
+    for cidr in cidrs:
+        network = ipaddress.ip_network(cidr, strict=False)
+        members += [str(n) for n in network.subnets()] if network.prefixlen == 0 else [str(network)]
+    return tuple(dict.fromkeys(members))
+
+
+def _destinations(c: _Context, kind: str, family: Family) -> list[tuple[tuple[str, ...], str]]:
+    """The `-d` matches of a CIDR list: one per CIDR (Istio), or one set match (--cidr-sets)."""
+    cidrs = c.o.service_exclude_cidr if kind == "exclude" else c.o.service_cidr
+    items = cidrs.v6 if family == "ipv6" else cidrs.v4
+    if c.o.cidr_sets and items:
+        name = set_name(kind, family)
+        return [(("-m", "set", "--match-set", name, "dst"), f"set {name}")]
+    return [(("-d", cidr), cidr) for cidr in items]
 
 
 def _preprocess(o: Options) -> tuple[_Context, tuple[str, ...]]:
@@ -490,10 +527,10 @@ def _loopback_return(b: _Builder, c: _Context) -> None:
 
 def _outbound_cidr_excludes(b: _Builder, c: _Context) -> None:
     """P: -x CIDRs are never captured."""
-    for cidr in c.o.service_exclude_cidr.v4:
-        b.v4_rule("nat", OUTPUT, ("-d", cidr, "-j", "RETURN"), f"{cidr} excluded by -x")
-    for cidr in c.o.service_exclude_cidr.v6:
-        b.v6_rule("nat", OUTPUT, ("-d", cidr, "-j", "RETURN"), f"{cidr} excluded by -x")
+    for family in FAMILIES:
+        rule = b.v6_rule if family == "ipv6" else b.v4_rule
+        for match, what in _destinations(c, "exclude", family):
+            rule("nat", OUTPUT, (*match, "-j", "RETURN"), f"{what} excluded by -x")
 
 
 def _outbound_ports(b: _Builder, c: _Context) -> None:
@@ -510,7 +547,8 @@ def _outbound_ports(b: _Builder, c: _Context) -> None:
 def _outbound_include(b: _Builder, c: _Context) -> None:
     """R: -i CIDRs (or '*') are captured; KubeVirt interfaces' traffic to them too."""
     cidrs = c.o.service_cidr
-    for items, rule in ((cidrs.v4, b.v4_rule), (cidrs.v6, b.v6_rule)):
+    for family in FAMILIES:
+        rule = b.v6_rule if family == "ipv6" else b.v4_rule
         if cidrs.wildcard:
             rule("nat", OUTPUT, ("-j", REDIRECT), "all other outbound traffic is captured (-i '*')")
             for nic in c.o.kube_virt_interfaces:
@@ -522,18 +560,16 @@ def _outbound_include(b: _Builder, c: _Context) -> None:
                     at=1,
                 )
             continue
-        for cidr in items:
+        for match, what in _destinations(c, "include", family):
             for nic in c.o.kube_virt_interfaces:
                 rule(
                     "nat",
                     "PREROUTING",
-                    ("-i", nic, "-d", cidr, "-j", REDIRECT),
-                    f"traffic from virtual interface {nic} to {cidr} is captured",
+                    ("-i", nic, *match, "-j", REDIRECT),
+                    f"traffic from virtual interface {nic} to {what} is captured",
                     at=1,
                 )
-            rule(
-                "nat", OUTPUT, ("-d", cidr, "-j", REDIRECT), f"outbound to {cidr} is captured (-i)"
-            )
+            rule("nat", OUTPUT, (*match, "-j", REDIRECT), f"outbound to {what} is captured (-i)")
 
 
 def _tproxy_extras(b: _Builder, c: _Context) -> None:

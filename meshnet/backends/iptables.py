@@ -10,7 +10,7 @@ import logging
 import re
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from meshnet import netns, proc
@@ -214,14 +214,17 @@ class IptablesRunner:
         """True when `<iptables> ARGS` succeeds, e.g. ``-t nat -C ISTIO_OUTPUT -j RETURN``."""
         return self.run(args).returncode == 0
 
-    def canonicalize(self, text: str) -> str:
+    def canonicalize(self, text: str, prepare: Callable[[], None] | None = None) -> str:
         """Restore `text` into a throw-away, empty network namespace and return its save output.
 
         iptables-save respells rules (`-m tcp` added, marks in hex, options reordered) and
         resolves `-I` positions; comparing a plan with live state needs this canonical form.
+        `prepare` runs first in that namespace (e.g. to create the ipsets the rules match).
         """
 
         def restore_and_save() -> str:
+            if prepare is not None:
+                prepare()
             self.restore(text)
             return self.save()
 

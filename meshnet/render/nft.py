@@ -6,7 +6,7 @@ reads, so the same text is printed by a dry run and piped to nft by the backend.
 
 from __future__ import annotations
 
-from meshnet.nftplan import NftChain, NftRule, NftRuleset, NftTable
+from meshnet.nftplan import NftChain, NftRule, NftRuleset, NftSet, NftTable
 
 FAMILY = "inet"  # every Istio table is inet: one rule serves IPv4 and IPv6
 
@@ -25,8 +25,18 @@ def table_lines(table: NftTable) -> list[str]:
         return [f"add table {head}", f"delete table {head}"]
     lines = [f"add table {head}", f"flush table {head}"]
     lines += [f"add chain {head} {chain_declaration(chain)}" for chain in table.chains]
+    for named in table.sets:  # meshnet's --cidr-sets only; declared before the rules use them
+        lines += set_lines(head, named)
     lines += [rule_line(rule) for rule in table.rules]
     return lines
+
+
+def set_lines(head: str, named: NftSet) -> list[str]:
+    """An interval set (auto-merge: overlapping CIDRs are fine) and its elements."""
+    return [
+        f"add set {head} {named.name} {{ type {named.type} ; flags interval ; auto-merge ; }}",
+        f"add element {head} {named.name} {{ {', '.join(named.members)} }}",
+    ]
 
 
 def chain_declaration(chain: NftChain) -> str:

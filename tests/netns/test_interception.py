@@ -325,12 +325,23 @@ def second_link_pod(
     fam: Family,
     flags: Sequence[str],
     env: Mapping[str, str] | None = None,
+    engine: str | None = None,
 ) -> Topology:
     """Pod with eth1 to the peer too: peer2 is a second destination (another subnet)."""
     topo = make_topology(second_link="peer")
-    apply_rules(topo, fam, flags, env)
+    apply_rules(topo, fam, flags, env, backend=engine)
     start_listeners(topo)
     return topo
+
+
+# A second, unrelated CIDR in each list, so the lists (and --cidr-sets' sets) have two members.
+OTHER_CIDR = {4: "192.0.2.128/25", 6: "2001:db8:ff::/48"}
+# Istio's one rule per CIDR, the same lists as one set (ipset), and as a named nft set.
+cidr_param = pytest.mark.parametrize(
+    ("extra", "engine"),
+    [([], None), (["--cidr-sets"], None), (["--cidr-sets"], "native-nftables")],
+    ids=["rules", "ipset", "nft-set"],
+)
 
 
 def second_cidr(fam: Family) -> str:
@@ -338,19 +349,23 @@ def second_cidr(fam: Family) -> str:
 
 
 @family_param
+@cidr_param
 def test_service_cidr_captures_only_that_cidr(
-    make_topology: Callable[..., Topology], fam: Family
+    make_topology: Callable[..., Topology], fam: Family, extra: list[str], engine: str | None
 ) -> None:
-    topo = second_link_pod(make_topology, fam, istio_flags(i=second_cidr(fam)))
+    flags = [*istio_flags(i=f"{second_cidr(fam)},{OTHER_CIDR[fam.version]}"), *extra]
+    topo = second_link_pod(make_topology, fam, flags, engine=engine)
     assert_captured_outbound(app_probe(topo, fam.peer2, 80), fam, fam.peer2, 80)
     assert_direct(app_probe(topo, fam.peer, 80), fam.peer, 80)
 
 
 @family_param
+@cidr_param
 def test_service_exclude_cidr_goes_direct(
-    make_topology: Callable[..., Topology], fam: Family
+    make_topology: Callable[..., Topology], fam: Family, extra: list[str], engine: str | None
 ) -> None:
-    topo = second_link_pod(make_topology, fam, istio_flags(x=second_cidr(fam)))
+    flags = [*istio_flags(x=f"{second_cidr(fam)},{OTHER_CIDR[fam.version]}"), *extra]
+    topo = second_link_pod(make_topology, fam, flags, engine=engine)
     assert_direct(app_probe(topo, fam.peer2, 80), fam.peer2, 80)
     assert_captured_outbound(app_probe(topo, fam.peer, 80), fam, fam.peer, 80)
 
