@@ -9,11 +9,16 @@ from meshnet.model import Family, Ruleset
 
 
 def render(ruleset: Ruleset) -> str:
-    document = {
+    document: dict[str, Any] = {
         "ipv6_enabled": ruleset.ipv6_enabled,
         "warnings": list(ruleset.warnings),
         "families": {family: _family(ruleset, family) for family in ruleset.families()},
     }
+    if ruleset.ipsets:  # --cidr-sets only, so Istio-compatible plans keep their shape
+        document["ipsets"] = [
+            {"name": s.name, "family": s.family, "members": list(s.members)}
+            for s in ruleset.ipsets
+        ]
     return json.dumps(document, indent=2) + "\n"
 
 
