@@ -21,7 +21,7 @@ from meshnet import logs, netns, routes, state
 from meshnet.backends import ipset
 from meshnet.backends.iptables import IptablesRunner, detect
 from meshnet.cleanup import cleanup_commands
-from meshnet.errors import BackendError, DriftError, MeshnetError
+from meshnet.errors import BackendError, DriftError, MeshnetError, NamespaceError
 from meshnet.model import Family, IpSet, Rule, Ruleset
 from meshnet.options import Options
 from meshnet.render.restore import restore_lines
@@ -51,12 +51,52 @@ class FamilyPlan:
         return self.runner
 
     @cached_property
-    def canonical(self) -> state.State:
-        """The plan as iptables-save would print it once applied."""
+    def canonical(self) -> state.State | None:
+        """The plan as iptables-save would print it once applied.
+
+        None when no private namespace can be made: an init container has NET_ADMIN and
+        NET_RAW but not the CAP_SYS_ADMIN that unshare needs. Comparisons then use Istio's
+        method (rule counts and `iptables -C`), which cannot see the order of rules.
+        """
         if not self.rules:
             return state.parse_save("")
         prepare = (lambda: ipset.load(self.sets)) if self.sets else None
-        return state.parse_save(self.require_runner().canonicalize(self.text, prepare))
+        try:
+            return state.parse_save(self.require_runner().canonicalize(self.text, prepare))
+        except NamespaceError as err:
+            logs.get().debug("comparing with iptables -C instead", reason=str(err))
+            return None
+
+    def differences(self, current: state.State) -> list[str]:
+        """Readable differences between the live state and this plan (empty: in sync)."""
+        expected = self.canonical
+        if expected is not None:
+            lines = state.diff_states(expected, current)
+        else:
+            lines = self._differences_by_checks(current)
+        return lines + ipset.diff(self.sets)
+
+    def _differences_by_checks(self, current: state.State) -> list[str]:
+        planned = state.parse_save(self.text)  # restore spelling: chain names and counts only
+        lines: list[str] = []
+        for table, chains in planned.tables.items():
+            for chain, rules in chains.items():
+                have = current.chains(table).get(chain)
+                if chain.startswith("ISTIO") and have is None:
+                    lines.append(f"{table}: missing chain {chain}")
+                elif chain.startswith("ISTIO_") and have is not None and len(have) != len(rules):
+                    lines.append(f"{table} {chain}: {len(have)} rules, {len(rules)} planned")
+        lines += [
+            f"{table}: unexpected chain {chain}"
+            for table, chain in current.istio_chains()
+            if chain not in planned.chains(table)
+        ]
+        runner = self.require_runner()
+        for command in state.check_commands(self.text):
+            if not runner.check(command):
+                table, chain, rule = command[1], command[3], " ".join(command[4:])
+                lines.append(f"{table} {chain}: missing rule: -A {chain} {rule}")
+        return lines
 
     @cached_property
     def initial_save(self) -> str | None:
@@ -119,9 +159,8 @@ def assess(plans: list[FamilyPlan]) -> Assessment:
         if current is None or current.is_empty:
             per_family.append((False, bool(plan.rules), bool(plan.rules)))
             continue
-        expected = plan.canonical
         ours = ours or bool(current.istio_chains())
-        lines = state.diff_states(expected, current) + ipset.diff(plan.sets)
+        lines = plan.differences(current)
         drift += [f"{plan.family} {line}" for line in lines]
         # Istio never checks order: only missing rules, chains and ISTIO_* counts are a delta.
         delta = any("out of order" not in line for line in lines)
@@ -188,8 +227,7 @@ def _apply_all_or_nothing(
 
 def _read_back(plans: list[FamilyPlan]) -> None:
     for plan in plans:
-        lines = state.diff_states(plan.canonical, state.parse_save(plan.read_save() or ""))
-        lines += ipset.diff(plan.sets)
+        lines = plan.differences(state.parse_save(plan.read_save() or ""))
         if lines:
             shown = "; ".join(lines[:5])
             raise BackendError(f"{plan.family} rules read back differ from the plan: {shown}")
@@ -256,8 +294,7 @@ def verify(plans: list[FamilyPlan]) -> list[str]:
         if not plan.rules:
             continue
         current = state.parse_save(plan.initial_save or "")
-        diff = state.diff_states(plan.canonical, current) + ipset.diff(plan.sets)
-        lines += [f"{plan.family} {line}" for line in diff]
+        lines += [f"{plan.family} {line}" for line in plan.differences(current)]
     return lines
 
 

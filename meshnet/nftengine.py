@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from meshnet import logs, netns, routes
 from meshnet.backends.nftables import Nft
-from meshnet.errors import DriftError, MeshnetError
+from meshnet.errors import DriftError, MeshnetError, NamespaceError
 from meshnet.nftplan import TABLES, NftRuleset
 from meshnet.options import Options
 from meshnet.render import nft as render
@@ -30,32 +30,25 @@ def program(opts: Options, ruleset: NftRuleset) -> None:
         clean(opts, nft)
         return
     live = _live(nft)
-    expected = _expected(ruleset)
-    if live == expected and not opts.force_apply:
+    drift = compare(ruleset, live)
+    if not drift and not opts.force_apply:
         logs.get().info("nftables rules already in place; nothing to apply")
         routes.configure_for(opts)
         return
-    drift = diff(expected, live)
     if any(live.values()) and not opts.reconcile and not opts.force_apply:
         shown = "; ".join(drift[:5])
         raise DriftError(
             f"existing nftables rules differ from the plan: {shown}. "
             "Re-run with --reconcile to replace them"
         )
-    _apply(opts, nft, ruleset, live, expected)
+    _apply(opts, nft, ruleset, live)
 
 
-def _apply(
-    opts: Options,
-    nft: Nft,
-    ruleset: NftRuleset,
-    live: dict[str, Listing | None],
-    expected: dict[str, Listing | None],
-) -> None:
+def _apply(opts: Options, nft: Nft, ruleset: NftRuleset, live: dict[str, Listing | None]) -> None:
     previous = {table: nft.list_table(table) for table in TABLES}
     nft.apply(_replacing(live) + render.render(ruleset))
     try:
-        drift = diff(expected, _live(nft))
+        drift = compare(ruleset, _live(nft))
         if drift:
             raise MeshnetError(
                 "nftables rules read back differ from the plan: " + "; ".join(drift[:5])
@@ -89,7 +82,44 @@ def remove_tables(nft: Nft) -> None:
 def verify(opts: Options, ruleset: NftRuleset) -> list[str]:
     nft = Nft(cni_mode=opts.cni_mode)
     nft.require()
-    return diff(_expected(ruleset), _live(nft))
+    return compare(ruleset, _live(nft))
+
+
+def compare(ruleset: NftRuleset, live: dict[str, Listing | None]) -> list[str]:
+    """Differences between live tables and the plan (empty: in sync)."""
+    try:
+        return diff(_expected(ruleset), live)
+    except NamespaceError as err:
+        # No CAP_SYS_ADMIN (an init container): compare chains, sets and rule counts.
+        logs.get().debug("comparing nftables rule counts instead", reason=str(err))
+        return diff_counts(ruleset, live)
+
+
+def diff_counts(ruleset: NftRuleset, live: dict[str, Listing | None]) -> list[str]:
+    planned = ruleset.chains()
+    lines: list[str] = []
+    for table in TABLES:
+        plan_table = ruleset.table(table)
+        have = live.get(table)
+        if plan_table is None or have is None:
+            if (plan_table is None) != (have is None):
+                lines.append(f"{'unexpected' if plan_table is None else 'missing'} table {table}")
+            continue
+        want = {name: len(rules) for name, rules in planned.get(table, {}).items()}
+        want.update({f"set {s.name}": -1 for s in plan_table.sets})
+        lines += [f"{table}: missing {name}" for name in want if name not in have]
+        lines += [f"{table}: unexpected {name}" for name in have if name not in want]
+        lines += [
+            f"{table} {name}: {len(have[name])} rules, {count} planned"
+            for name, count in want.items()
+            if count >= 0 and name in have and len(have[name]) != count + _header(have, name)
+        ]
+    return lines
+
+
+def _header(have: Listing, name: str) -> int:
+    """Base chains list their `type ... hook ...` line before the rules."""
+    return 1 if have[name] and have[name][0].startswith("type ") else 0
 
 
 def _live(nft: Nft) -> dict[str, Listing | None]:

@@ -106,7 +106,8 @@ def probe(binary: str, *, lockfile: str | None = None) -> IptablesBinary:
     dump = proc.run([save], timeout=_SAVE_TIMEOUT)
     if dump.returncode != 0:
         raise BackendError(
-            f"failed to execute {save}: exit status {dump.returncode} {dump.stdout}{dump.stderr}"
+            f"failed to execute {save}: exit status {dump.returncode} "
+            f"{(dump.stdout + dump.stderr).strip()}" + _permission_hint(dump.stderr)
         )
     version, legacy = _read_version(save)
     found = IptablesBinary(binary, save, restore, version, legacy, _has_rules(dump))
@@ -159,6 +160,7 @@ def _probe_kernel_support(found: IptablesBinary, lockfile: str | None) -> None:
         raise BackendError(
             f"iptables binary {found.binary} has no loaded kernel support and cannot be used, "
             f"err: exit status {added.returncode} out: {added.stderr.strip()}"
+            + _permission_hint(added.stderr)
         )
     removal = list(_PROBE_RULE)
     removal[2] = "-D"
@@ -245,7 +247,17 @@ def _lock_env(binary: IptablesBinary, lockfile: str | None) -> Mapping[str, str]
 
 def _failure(argv: Sequence[str], result: subprocess.CompletedProcess[str]) -> str:
     """One line: the command, then the tool's own message (line numbers included)."""
-    return f"`{proc.format_command(argv)}` failed: {_xtables_message(result)}"
+    message = f"`{proc.format_command(argv)}` failed: {_xtables_message(result)}"
+    return message + _permission_hint(result.stderr)
+
+
+def _permission_hint(stderr: str) -> str:
+    if "Permission denied" in stderr or "Operation not permitted" in stderr:
+        return (
+            " (meshnet needs root with the NET_ADMIN and NET_RAW capabilities in the pod's "
+            "network namespace; an init container must add them to its securityContext)"
+        )
+    return ""
 
 
 def _xtables_message(result: subprocess.CompletedProcess[str]) -> str:

@@ -16,8 +16,7 @@ def render(ruleset: Ruleset) -> str:
     }
     if ruleset.ipsets:  # --cidr-sets only, so Istio-compatible plans keep their shape
         document["ipsets"] = [
-            {"name": s.name, "family": s.family, "members": list(s.members)}
-            for s in ruleset.ipsets
+            {"name": s.name, "family": s.family, "members": list(s.members)} for s in ruleset.ipsets
         ]
     return json.dumps(document, indent=2) + "\n"
 
