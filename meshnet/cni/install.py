@@ -25,8 +25,11 @@ Options are environment variables (Istio's names, plus `MESHNET_CNI_*` for meshn
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import secrets
+import shutil
 import signal
 import socket
 import socketserver
@@ -318,6 +321,9 @@ def install_binary(source: Path, bin_dir: Path, name: str) -> Path:
     """Copy the plugin executable to `<bin_dir>/<name>`, mode 0755, atomically."""
     for stale in bin_dir.glob(f"{name}.tmp.*"):  # left by an interrupted copy
         stale.unlink(missing_ok=True)
+    real = source.resolve()  # the image may link the executable from the onedir build
+    if (real.parent / "_internal").is_dir():
+        return _install_onedir(real, bin_dir, name)
     try:
         data = source.read_bytes()
     except OSError as err:
@@ -329,6 +335,44 @@ def install_binary(source: Path, bin_dir: Path, name: str) -> Path:
     if not _same_file(target, data, 0o755):
         atomic_write(target, data, 0o755)
     return target
+
+
+def _install_onedir(source: Path, bin_dir: Path, name: str) -> Path:
+    """A PyInstaller onedir build: the executable needs its `_internal/` beside it.
+
+    The directory is copied to `<bin_dir>/<name>.d/<digest>/` (under a temporary name, then
+    renamed), and `<bin_dir>/<name>` becomes a relative symlink to the executable in it,
+    replaced atomically; older copies are removed once nothing points at them.
+    """
+    digest = _tree_digest(source.parent)
+    versions = bin_dir / f"{name}.d"
+    current = versions / digest
+    try:
+        if not current.is_dir():
+            versions.mkdir(exist_ok=True)
+            staging = versions / f".tmp.{secrets.token_hex(4)}"
+            shutil.copytree(source.parent, staging, symlinks=True)
+            staging.rename(current)
+        target = bin_dir / name
+        relative = f"{name}.d/{digest}/{source.name}"
+        if not (target.is_symlink() and os.readlink(target) == relative):
+            link = bin_dir / f"{name}.tmp.{secrets.token_hex(4)}"
+            link.symlink_to(relative)
+            link.replace(target)
+        for old in versions.iterdir():
+            if old.name != digest:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        raise InstallError(_write_failure(bin_dir / name, err)) from None
+    return target
+
+
+def _tree_digest(root: Path) -> str:
+    """Content hash of a directory tree (names and bytes), naming one build's copy."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _same_file(path: Path, data: bytes, mode: int) -> bool:
@@ -569,6 +613,7 @@ class Installer:
         for binary in self._binaries:
             self._log.info("removing binary", path=str(binary))
             binary.unlink(missing_ok=True)
+            shutil.rmtree(binary.parent / f"{binary.name}.d", ignore_errors=True)  # onedir
 
     def _wait(self, seconds: float) -> bool:
         return not self._stop.wait(seconds)
