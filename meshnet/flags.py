@@ -335,7 +335,7 @@ EXTENSIONS: tuple[Flag, ...] = (
         None,
         "MESHNET_OUTPUT_FORMAT",
         default="restore",
-        help="[meshnet] What --dry-run prints: restore, transcript, json, nft.",
+        help="[meshnet] What --dry-run prints: restore, transcript, json, nft, dot.",
     ),
     Flag(
         "cidr_sets",

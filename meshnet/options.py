@@ -17,7 +17,7 @@ from meshnet.environment import System, detect_ip, parse_resolv_conf
 from meshnet.errors import OptionError
 from meshnet.flags import ALL_FLAGS, Flag
 
-OUTPUT_FORMATS = ("restore", "transcript", "json", "nft")
+OUTPUT_FORMATS = ("restore", "transcript", "json", "nft", "dot")
 _TRUE = {"1", "t", "T", "TRUE", "true", "True"}
 _FALSE = {"0", "f", "F", "FALSE", "false", "False"}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*\$?$")

@@ -40,6 +40,10 @@ def render(opts: Options, ruleset: Ruleset) -> str:
         return transcript.render(ruleset, cleanup_only=opts.cleanup_only)
     if opts.output_format == "json":
         return jsonout.render(ruleset)
+    if opts.output_format == "dot":
+        from meshnet.render import dot
+
+        return dot.render(ruleset)
     return restore.render(ruleset)
 
 
@@ -66,7 +70,7 @@ def _run_nftables(opts: Options) -> None:
     from meshnet import nftplan
     from meshnet.render import nft
 
-    if opts.dry_run and opts.output_format not in ("nft", "restore"):
+    if opts.dry_run and opts.output_format not in ("nft", "restore", "dot"):
         raise MeshnetError(
             f"--output-format {opts.output_format} is not available with --native-nftables "
             "(use nft)"
@@ -75,7 +79,12 @@ def _run_nftables(opts: Options) -> None:
     for warning in ruleset.warnings:
         logs.get().warning(warning)
     if opts.dry_run:
-        click.echo(nft.render(ruleset), nl=False)
+        if opts.output_format == "dot":
+            from meshnet.render import dot
+
+            click.echo(dot.render_nft(ruleset), nl=False)
+        else:
+            click.echo(nft.render(ruleset), nl=False)
         return
     from meshnet import nftengine
 

@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(iptables nftables iproute2 python3-venv containernetworking-plugins procps
-          golang-go golang-github-appc-cni-dev ipset podman runc debootstrap)
+          golang-go golang-github-appc-cni-dev ipset podman runc debootstrap graphviz)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -18,13 +18,14 @@ model's order and nothing else. Stdlib only.
 
 from __future__ import annotations
 
-import html
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from meshnet.model import Family, Rule, Ruleset
-from meshnet.nftplan import NftChain, NftRule, NftRuleset, NftTable
+
+if TYPE_CHECKING:  # types only: the iptables dry run should not import the nft planner
+    from meshnet.nftplan import NftChain, NftRule, NftRuleset, NftTable
 
 Kind = Literal["chain", "intercept", "pass", "drop", "mark", "other"]
 
@@ -415,6 +416,12 @@ def _legend_lines() -> list[str]:
 # --- escaping -------------------------------------------------------------------------------
 
 
+# What html.escape does, without importing html (and html.entities) for five characters.
+_HTML_ENTITIES = str.maketrans(
+    {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#x27;"}
+)
+
+
 def _printable(text: str) -> str:
     """Control characters, line breaks and lone surrogates (undecodable argv bytes) would end
     a DOT string or break the UTF-8 output: show them as `\\xNN` / `\\uNNNN` text instead."""
@@ -435,4 +442,4 @@ def _quote(text: str) -> str:
 
 def _html(text: str) -> str:
     """Text inside an HTML-like label: `&`, `<`, `>` and quotes as entities."""
-    return html.escape(_printable(text), quote=True)
+    return _printable(text).translate(_HTML_ENTITIES)

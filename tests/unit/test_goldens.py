@@ -65,7 +65,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("fmt", ["restore", "json", "nft"])
+@pytest.mark.parametrize("fmt", ["restore", "json", "nft", "dot"])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_own_golden(name: str, fmt: str) -> None:
     result = meshnet(["istio-iptables", *CASES[name], "--dry-run", "--output-format", fmt])
