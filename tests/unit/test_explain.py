@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -93,7 +94,7 @@ def test_drop_invalid_drops_invalid_packets() -> None:
     ],
 )
 def test_bad_probe_syntax_names_the_expected_form(spec: str) -> None:
-    with pytest.raises(OptionError, match="expected e.g. 'out tcp uid=1000"):
+    with pytest.raises(OptionError, match=re.escape("expected e.g. 'out tcp uid=1000")):
         probe.parse(spec)
 
 
