@@ -12,14 +12,15 @@ iptables-save respells rules (`-m tcp` added, marks in hex, options reordered).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import shutil
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 
-from meshnet import logs, netns, routes, state
+from meshnet import logs, netns, proc, routes, state
 from meshnet.backends import ipset
-from meshnet.backends.iptables import IptablesRunner, detect
+from meshnet.backends.iptables import IptablesRunner, describe, detect
 from meshnet.cleanup import cleanup_commands
 from meshnet.errors import BackendError, DriftError, MeshnetError, NamespaceError
 from meshnet.model import Family, IpSet, Rule, Ruleset
@@ -76,7 +77,17 @@ class FamilyPlan:
             lines = self._differences_by_checks(current)
         return lines + ipset.diff(self.sets)
 
-    def _differences_by_checks(self, current: state.State) -> list[str]:
+    def structure_differences(self, current: state.State) -> list[str]:
+        """Planned chains missing, ISTIO_* rule counts, and jumps missing from built-in chains."""
+        lines = self._chain_differences(current)
+        for table, chains in state.parse_save(self.text).tables.items():
+            for chain, rules in chains.items():
+                if not chain.startswith("ISTIO"):
+                    missing = _jump_targets(rules) - _jump_targets(current.rules(table, chain))
+                    lines += [f"{table} {chain}: missing jump to {t}" for t in sorted(missing)]
+        return lines
+
+    def _chain_differences(self, current: state.State) -> list[str]:
         planned = state.parse_save(self.text)  # restore spelling: chain names and counts only
         lines: list[str] = []
         for table, chains in planned.tables.items():
@@ -91,6 +102,10 @@ class FamilyPlan:
             for table, chain in current.istio_chains()
             if chain not in planned.chains(table)
         ]
+        return lines
+
+    def _differences_by_checks(self, current: state.State) -> list[str]:
+        lines = self._chain_differences(current)
         runner = self.require_runner()
         for command in state.check_commands(self.text):
             if not runner.check(command):
@@ -100,7 +115,13 @@ class FamilyPlan:
 
     @cached_property
     def initial_save(self) -> str | None:
-        """The save output before meshnet changed anything (None: it cannot be read)."""
+        """The save output before meshnet changed anything (None: it cannot be read).
+
+        Detection has just saved this backend (its probe adds and deletes one rule, no net
+        change), so that output is reused instead of running the save again.
+        """
+        if self.runner is not None and self.runner.binary.saved:
+            return self.runner.binary.saved
         return self.read_save()
 
     def read_save(self) -> str | None:
@@ -110,6 +131,16 @@ class FamilyPlan:
             return self.runner.save()
         except BackendError:
             return None
+
+
+def _jump_targets(rules: Sequence[str]) -> set[str]:
+    """The ISTIO_* chains that rule lines jump to (spelt the same in plans and in saves)."""
+    targets = set()
+    for line in rules:
+        tokens = line.split()
+        if "-j" in tokens[:-1] and tokens[tokens.index("-j") + 1].startswith("ISTIO_"):
+            targets.add(tokens[tokens.index("-j") + 1])
+    return targets
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,8 +257,14 @@ def _apply_all_or_nothing(
 
 
 def _read_back(plans: list[FamilyPlan]) -> None:
+    """After a restore: every planned chain is there with its rule count, jumps included.
+
+    iptables-restore commits each table whole, so what can go wrong is a missing table or chain
+    (another writer, the wrong backend), not a misspelt rule: structure is checked, cheaply.
+    """
     for plan in plans:
-        lines = plan.differences(state.parse_save(plan.read_save() or ""))
+        lines = plan.structure_differences(state.parse_save(plan.read_save() or ""))
+        lines += ipset.diff(plan.sets)
         if lines:
             shown = "; ".join(lines[:5])
             raise BackendError(f"{plan.family} rules read back differ from the plan: {shown}")
@@ -298,22 +335,32 @@ def verify(plans: list[FamilyPlan]) -> list[str]:
     return lines
 
 
-def purge(namespace: str | None = None) -> None:
+def purge(namespace: str | None = None) -> set[str]:
     """Remove every ISTIO_* chain and every jump into one, whatever flags made them.
 
     For CNI DEL, where the pod (and so its flags) may be gone: Istio's BuildCleanupFromState,
-    done as one restore per family so it is atomic.
+    one restore per backend and family that holds Istio chains, so it is atomic. It looks with
+    the save tools only (no detection probes: DEL runs for every pod, often many at once).
+    Returns the chains removed, as "iptables:ISTIO_X" / "ip6tables:ISTIO_X".
     """
     lockfile = netns.resolve(namespace) if namespace else None
-    for ipv6 in (False, True):
-        try:
-            runner = IptablesRunner(detect(ipv6, lockfile=lockfile), lockfile=lockfile)
-        except BackendError as err:
-            logs.get().info("no usable iptables binary", ipv6=ipv6, error=str(err))
-            continue
-        text = purge_text(runner.save())
-        if text:
-            runner.restore(text)
+    removed: set[str] = set()
+    for prefix in ("iptables", "ip6tables"):
+        for variant in ("legacy", "nft"):
+            save = f"{prefix}-{variant}-save"
+            if shutil.which(save) is None:
+                continue
+            dump = proc.run([save], timeout=30)
+            if dump.returncode != 0 or ":ISTIO_" not in dump.stdout:
+                continue
+            runner = IptablesRunner(describe(f"{prefix}-{variant}"), lockfile=lockfile)
+            runner.restore(purge_text(dump.stdout))
+            removed |= {
+                f"{prefix}:{line[1:].split()[0]}"
+                for line in dump.stdout.splitlines()
+                if line.startswith(":ISTIO_")
+            }
+    return removed
 
 
 def purge_text(save: str) -> str:

@@ -13,6 +13,13 @@ class OptionError(MeshnetError):
     """A flag or environment value is invalid (exit 1, as Istio's validation errors)."""
 
 
+class UsageError(OptionError):
+    """A typed flag (bool, uint16, duration) got a value of the wrong type on the command line:
+    Istio's flag parser (cobra) rejects these before running, with exit status 255."""
+
+    exit_code = 255
+
+
 class EnvironmentFactError(MeshnetError):
     """A fact about the running system could not be read (user lookup, addresses, resolv.conf)."""
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from meshnet.environment import System, detect_ip, parse_resolv_conf
-from meshnet.errors import OptionError
+from meshnet.errors import OptionError, UsageError
 from meshnet.flags import ALL_FLAGS, Flag
 
 OUTPUT_FORMATS = ("restore", "transcript", "json", "nft", "dot")
@@ -34,6 +34,7 @@ class Raw:
     text: str
     origin: str
     explicit: bool = False  # set on the command line or in the environment
+    from_cli: bool = False  # set on the command line (typed flags then fail like cobra's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +124,7 @@ def gather(cli: Mapping[str, str | None], environ: Mapping[str, str]) -> dict[st
 
 def _pick(flag: Flag, given: str | None, environ: Mapping[str, str]) -> Raw:
     if given is not None:
-        return Raw(given, flag.origin(), explicit=True)
+        return Raw(given, flag.origin(), explicit=True, from_cli=True)
     for name in (flag.alias_env, flag.env):
         if name and name in environ:
             return Raw(environ[name], flag.origin(from_env=name), explicit=True)
@@ -156,7 +157,7 @@ def build(raw: Mapping[str, Raw], system: System) -> Options:
         tproxy_mark=values.number("tproxy_mark", 0, 2**32 - 1),
         tproxy_route_table=values.number("tproxy_route_table", 1, 2**32 - 1),
         dry_run=values.boolean("dry_run"),
-        probe_port=values.port("probe_port"),
+        probe_port=values.uint16_port("probe_port"),
         probe_timeout=values.duration("probe_timeout"),
         skip_rule_apply=values.boolean("skip_rule_apply"),
         run_validation=values.boolean("run_validation"),
@@ -197,13 +198,24 @@ class _Values:
     def text(self, key: str) -> str:
         return self._raw[key].text
 
+    def fail_typed(self, key: str, problem: str) -> OptionError:
+        """A bad bool/uint16/duration: a usage error (exit 255) on the command line, as cobra."""
+        error = self.fail(key, problem)
+        return UsageError(str(error)) if self._raw[key].from_cli else error
+
     def boolean(self, key: str) -> bool:
         text = self.text(key)
         if text in _TRUE:
             return True
         if text in _FALSE:
             return False
-        raise self.fail(key, "expected a boolean (true or false)")
+        raise self.fail_typed(key, "expected a boolean (true or false)")
+
+    def uint16_port(self, key: str) -> int:
+        text = self.text(key)
+        if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+            raise self.fail_typed(key, "expected a number from 0 to 65535 (uint16)")
+        return self.port(key)
 
     def number(self, key: str, low: int, high: int) -> int:
         text = self.text(key)
@@ -295,7 +307,7 @@ class _Values:
         if text in ("0",):
             return 0.0
         if not parts or "".join(n + u for n, u in parts) != text:
-            raise self.fail(key, "expected a Go duration such as 5s, 500ms or 1m30s")
+            raise self.fail_typed(key, "expected a Go duration such as 5s, 500ms or 1m30s")
         return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
 
     def choice(self, key: str, allowed: tuple[str, ...]) -> str:

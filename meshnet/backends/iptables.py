@@ -11,7 +11,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from meshnet import netns, proc
 from meshnet.errors import BackendError
@@ -58,6 +58,7 @@ class IptablesBinary:
     version: tuple[int, ...]
     legacy: bool
     existing_rules: bool
+    saved: str = field(default="", compare=False)  # the save output seen while probing
 
     @property
     def needs_lock(self) -> bool:
@@ -110,9 +111,18 @@ def probe(binary: str, *, lockfile: str | None = None) -> IptablesBinary:
             f"{(dump.stdout + dump.stderr).strip()}" + _permission_hint(dump.stderr)
         )
     version, legacy = _read_version(save)
-    found = IptablesBinary(binary, save, restore, version, legacy, _has_rules(dump))
+    found = IptablesBinary(binary, save, restore, version, legacy, _has_rules(dump), dump.stdout)
     _probe_kernel_support(found, lockfile)
     return found
+
+
+def describe(binary: str) -> IptablesBinary:
+    """A binary set's version and kind, without the kernel probe: for a namespace whose rules
+    this backend is already known to hold (so the kernel plainly supports it)."""
+    save, restore = f"{binary}-save", f"{binary}-restore"
+    _require_in_path(binary, save, restore)
+    version, legacy = _read_version(save)
+    return IptablesBinary(binary, save, restore, version, legacy, True)
 
 
 def _require_in_path(*names: str) -> None:

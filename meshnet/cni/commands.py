@@ -68,12 +68,20 @@ def delete(call: Call) -> None:
 
             nftengine.remove_tables(Nft(cni_mode=True))
         else:
-            engine.purge(call.netns)
-        try:
-            routes.remove_tproxy(1337, 133, ipv6=True)
+            _remove_routes(engine.purge(call.netns))
+
+
+def _remove_routes(removed: set[str]) -> None:
+    """The TPROXY route and ::6 ADD may have added (pyroute2 is only imported when they can
+    exist: DEL runs for every pod)."""
+    ipv6 = any(name.startswith("ip6tables:") for name in removed)
+    try:
+        if any(name.endswith(":ISTIO_TPROXY") for name in removed):
+            routes.remove_tproxy(1337, 133, ipv6=ipv6)
+        if ipv6:
             routes.remove_ipv6_loopback()
-        except RouteError as err:
-            logs.get().info("no routes to remove", error=str(err))
+    except RouteError as err:
+        logs.get().info("no routes to remove", error=str(err))
 
 
 def status(call: Call) -> None:

@@ -35,11 +35,14 @@ def check(
     uid: int | None,
     gid: int | None,
     landing: Landing,
+    src: str | None = None,
 ) -> None:
     applied = APPLIED.get(id(topo))
     if applied is None or not landing.ok:
         return
     spec = _probe_spec(topo, ns, dst, port, proto, uid or 0, gid or 0)
+    if spec is not None and src is not None:
+        spec += f" src=[{src}]" if ":" in src else f" src={src}"
     if spec is None:
         return
     result = _explain(*applied, probe.parse(spec))

@@ -112,7 +112,7 @@ def explain_agrees_with_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
         src: str | None = None,
     ) -> Landing:
         landing = original(self, ns, dst, port, proto, uid, gid, timeout, src)
-        explain_oracle.check(self, ns, dst, port, proto, uid, gid, landing)
+        explain_oracle.check(self, ns, dst, port, proto, uid, gid, landing, src)
         return landing
 
     monkeypatch.setattr(Topology, "probe", probe)
@@ -276,6 +276,15 @@ def test_standard_app_to_localhost_is_not_captured(standard_pod: StandardPod) ->
     topo, fam = standard_pod.topo, standard_pod.fam
     landing = app_probe(topo, fam.loopback, 8080)
     assert_landed(landing, "app", 8080, orig_dst=fam.addr(fam.loopback, 8080))
+
+
+def test_standard_inbound_passthrough_source_is_not_recaptured(standard_pod: StandardPod) -> None:
+    """The proxy's passthrough connections come from 127.0.0.6 / ::6: they reach the app."""
+    topo, fam = standard_pod.topo, standard_pod.fam
+    landing = topo.probe(
+        topo.pod_ns, fam.pod, 8080, uid=PROXY_UID, gid=PROXY_UID, src=fam.inbound_passthrough
+    )
+    assert_landed(landing, "app", 8080, orig_dst=fam.addr(fam.pod, 8080))
 
 
 def test_standard_proxy_to_own_pod_ip_goes_through_inbound(standard_pod: StandardPod) -> None:

@@ -217,7 +217,11 @@ def test_go_durations() -> None:
         ([], {"REDIRECT_DNS": "maybe"}, 1, "env REDIRECT_DNS"),
         (["-u", "no-such-user-here"], {}, 1, "unknown user"),
         (["--no-such-flag"], {}, 255, "No such option"),
-        (["--dry-run=maybe"], {}, 1, "-n/--dry-run"),
+        (["--dry-run=maybe"], {}, 255, "-n/--dry-run"),
+        (["--iptables-probe-port", "abc"], {}, 255, "--iptables-probe-port"),
+        (["--probe-timeout", "5x"], {}, 255, "--probe-timeout"),
+        ([], {"PROBE_TIMEOUT": "5x"}, 1, "env PROBE_TIMEOUT"),
+        ([], {"IPTABLES_PROBE_PORT": "70000"}, 1, "env IPTABLES_PROBE_PORT"),
         (["-p"], {}, 255, "requires an argument"),
     ],
 )
