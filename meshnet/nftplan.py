@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
 from meshnet.options import Options
+from meshnet.planner import ipsets, set_name
 
 # Istio's table names (tools/istio-nftables/pkg/constants).
 NAT = "istio-proxy-nat"
@@ -263,8 +264,6 @@ def plan_nft(options: Options) -> NftRuleset:
 
 def _sets(o: Options) -> tuple[NftSet, ...]:
     """The same sets as the iptables plan's ipsets (`planner.ipsets`), as nft interval sets."""
-    from meshnet.planner import ipsets
-
     return tuple(
         NftSet(s.name, "ipv6_addr" if s.family == "ipv6" else "ipv4_addr", s.members)
         for s in ipsets(o)
@@ -276,7 +275,7 @@ def _cidr_matches(c: _Context, kind: str, ip: str) -> list[tuple[str, str]]:
     cidrs = c.o.service_exclude_cidr if kind == "exclude" else c.o.service_cidr
     items = cidrs.v6 if ip == "ip6" else cidrs.v4
     if c.o.cidr_sets and items:
-        name = f"meshnet-{kind}-{'v6' if ip == 'ip6' else 'v4'}"
+        name = set_name(kind, "ipv6" if ip == "ip6" else "ipv4")
         return [(f"@{name}", f"set {name}")]
     return [(cidr, cidr) for cidr in items]
 
