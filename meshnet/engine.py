@@ -41,7 +41,7 @@ class FamilyPlan:
     rules: tuple[Rule, ...]
     sets: tuple[IpSet, ...] = ()
 
-    @property
+    @cached_property
     def text(self) -> str:
         lines = restore_lines(self.rules)
         return "\n".join(lines) + "\n" if lines else ""
@@ -120,7 +120,7 @@ class FamilyPlan:
         Detection has just saved this backend (its probe adds and deletes one rule, no net
         change), so that output is reused instead of running the save again.
         """
-        if self.runner is not None and self.runner.binary.saved:
+        if self.runner is not None and self.runner.binary.saved is not None:
             return self.runner.binary.saved
         return self.read_save()
 

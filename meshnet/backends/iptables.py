@@ -58,7 +58,7 @@ class IptablesBinary:
     version: tuple[int, ...]
     legacy: bool
     existing_rules: bool
-    saved: str = field(default="", compare=False)  # the save output seen while probing
+    saved: str | None = field(default=None, compare=False)  # the save output seen probing
 
     @property
     def needs_lock(self) -> bool:
