@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
-# Installs what meshnet and its tests need on Debian 12 (run as root), then the venv in .venv.
+# Installs what meshnet needs on Debian 12 (run as root), then the venv in .venv.
+# With --test, also what the test suite needs (reference CNI plugins, a Go toolchain for the
+# libcni driver, podman for the images, graphviz for the dot output, test-only Python deps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(iptables nftables iproute2 python3-venv containernetworking-plugins procps
-          golang-go golang-github-appc-cni-dev ipset podman runc debootstrap graphviz)
+packages=(iptables nftables iproute2 ipset python3-venv)
+extra=""
+if [ "${1:-}" = "--test" ]; then
+  packages+=(procps containernetworking-plugins golang-go golang-github-appc-cni-dev
+             podman runc debootstrap graphviz)
+  extra="[test]"
+fi
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -21,4 +28,4 @@ python=/usr/bin/python3
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extra}"

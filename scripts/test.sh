@@ -2,7 +2,7 @@
 # The whole test suite: set-up, lint, types, then every test (root namespace tests included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --test
 
 echo "== ruff"
 .venv/bin/ruff check meshnet tests bench cni-plugin
