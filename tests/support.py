@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from meshnet.flags import ENV_NAMES
 
 REPO = Path(__file__).resolve().parent.parent
+# The arguments Istio's injector gives istio-init (SPEC-istio §3.2).
+STANDARD_ARGS = (
+    "-p",
+    "15001",
+    "-z",
+    "15006",
+    "-u",
+    "1337",
+    "-m",
+    "REDIRECT",
+    "-i",
+    "*",
+    "-x",
+    "",
+    "-b",
+    "*",
+    "-d",
+    "15090,15021,15020",
+)
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
@@ -39,3 +62,24 @@ def meshnet(
 
 def conformance_dir() -> Path:
     return Path(os.environ.get("MESHNET_CONFORMANCE_DIR", REPO.parent / "shared" / "conformance"))
+
+
+def conformance_cases(suite: str) -> list[Any]:
+    """pytest params for every case of a conformance suite; one skip when the corpus is absent."""
+    index = conformance_dir() / suite / "cases.json"
+    if not index.is_file():
+        reason = f"conformance corpus not found at {index.parent} (set MESHNET_CONFORMANCE_DIR)"
+        return [pytest.param(None, marks=pytest.mark.skip(reason=reason), id="corpus-missing")]
+    return [pytest.param(case, id=case["name"]) for case in json.loads(index.read_text())]
+
+
+def restore_blocks(text: str) -> dict[str, str]:
+    """meshnet's `restore` output split into its `# ipv4` / `# ipv6` blocks."""
+    blocks: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("# "):
+            current = blocks.setdefault(line[2:], [])
+        else:
+            current.append(line)
+    return {family: "\n".join(lines) + "\n" for family, lines in blocks.items()}

@@ -11,17 +11,9 @@ import pytest
 from tests.cni.fakes import FakeApi, get_rules, pod_namespace, run_plugin, write_kubeconfig
 from tests.conftest import RAN
 from tests.netns.harness import require_root_netns
-from tests.support import IN_CI, conformance_dir
+from tests.support import IN_CI, conformance_cases, conformance_dir
 
 SUITE = conformance_dir() / "cni-plugin"
-
-
-def _cases() -> list[Any]:
-    index = SUITE / "cases.json"
-    if not index.is_file():
-        reason = f"conformance corpus not found at {SUITE} (set MESHNET_CONFORMANCE_DIR)"
-        return [pytest.param(None, marks=pytest.mark.skip(reason=reason), id="corpus-missing")]
-    return [pytest.param(case, id=case["name"]) for case in json.loads(index.read_text())]
 
 
 def test_corpus_is_present_in_ci() -> None:
@@ -29,7 +21,7 @@ def test_corpus_is_present_in_ci() -> None:
         assert (SUITE / "cases.json").is_file(), f"CI needs the conformance corpus at {SUITE}"
 
 
-@pytest.mark.parametrize("case", _cases())
+@pytest.mark.parametrize("case", conformance_cases("cni-plugin"))
 def test_cni_plugin_golden(case: dict[str, Any], tmp_path: Path) -> None:
     require_root_netns()
     netconf = json.loads((SUITE / case["netconf"]).read_text())

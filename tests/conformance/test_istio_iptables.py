@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import RAN
-from tests.support import IN_CI, conformance_dir, meshnet
+from tests.support import IN_CI, conformance_cases, conformance_dir, meshnet
 
 SUITE = conformance_dir() / "istio-iptables"
-
-
-def _cases() -> list[Any]:
-    index = SUITE / "cases.json"
-    if not index.is_file():
-        reason = f"conformance corpus not found at {SUITE} (set MESHNET_CONFORMANCE_DIR)"
-        return [pytest.param(None, marks=pytest.mark.skip(reason=reason), id="corpus-missing")]
-    cases = json.loads(index.read_text())
-    return [pytest.param(case, id=case["name"]) for case in cases]
 
 
 def test_corpus_is_present_in_ci() -> None:
@@ -28,7 +18,7 @@ def test_corpus_is_present_in_ci() -> None:
         assert (SUITE / "cases.json").is_file(), f"CI needs the conformance corpus at {SUITE}"
 
 
-@pytest.mark.parametrize("case", _cases())
+@pytest.mark.parametrize("case", conformance_cases("istio-iptables"))
 def test_istio_iptables_golden(case: dict[str, Any]) -> None:
     args = [*case["args"], "--dry-run", "--output-format", "transcript"]
     result = meshnet(["istio-iptables", *args], env=case["env"])

@@ -6,7 +6,6 @@ the real click command), and the real CLI (`--native-nftables --dry-run --output
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +16,10 @@ from meshnet.cli import istio_iptables
 from meshnet.nftplan import plan_nft
 from meshnet.render import nft
 from tests.conftest import RAN
-from tests.support import IN_CI, conformance_dir, meshnet
+from tests.support import IN_CI, conformance_cases, conformance_dir, meshnet
 from tests.unit.test_options import FakeSystem
 
 SUITE = conformance_dir() / "istio-nftables"
-
-
-def _cases() -> list[Any]:
-    index = SUITE / "cases.json"
-    if not index.is_file():
-        reason = f"conformance corpus not found at {SUITE} (set MESHNET_CONFORMANCE_DIR)"
-        return [pytest.param(None, marks=pytest.mark.skip(reason=reason), id="corpus-missing")]
-    cases = json.loads(index.read_text())
-    return [pytest.param(case, id=case["name"]) for case in cases]
 
 
 def _golden(case: dict[str, Any]) -> str:
@@ -52,13 +42,13 @@ def test_corpus_is_present_in_ci() -> None:
         assert (SUITE / "cases.json").is_file(), f"CI needs the conformance corpus at {SUITE}"
 
 
-@pytest.mark.parametrize("case", _cases())
+@pytest.mark.parametrize("case", conformance_cases("istio-nftables"))
 def test_istio_nftables_golden_planner(case: dict[str, Any]) -> None:
     assert render_case(case["args"], case["env"]).strip() == _golden(case).strip()
     _count("istio-nftables (planner)")
 
 
-@pytest.mark.parametrize("case", _cases())
+@pytest.mark.parametrize("case", conformance_cases("istio-nftables"))
 def test_istio_nftables_golden_cli(case: dict[str, Any]) -> None:
     args = [*case["args"], "--native-nftables", "--dry-run", "--output-format", "nft"]
     result = meshnet(["istio-iptables", *args], env=case["env"])

@@ -12,26 +12,11 @@ import sys
 
 import pytest
 
+from tests.support import STANDARD_ARGS
+
 from .harness import Topology
 
-STANDARD = [
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-]
+STANDARD = [*STANDARD_ARGS]
 
 
 def run(topo: Topology, drop: str, *args: str) -> subprocess.CompletedProcess[str]:

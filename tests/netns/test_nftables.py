@@ -7,30 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import meshnet
+from tests.support import STANDARD_ARGS, meshnet
 
 from .harness import V4, V6, Family, Topology
 
-STANDARD = [
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-    "--native-nftables",
-    "--dual-stack",
-]
+STANDARD = [*STANDARD_ARGS, "--native-nftables", "--dual-stack"]
 FOREIGN = """\
 table inet foreign {
 	chain output {

@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import meshnet
+from tests.support import meshnet, restore_blocks
 from tests.unit.test_goldens import CASES
 
 from .harness import Topology
-
-
-def _blocks(text: str) -> dict[str, str]:
-    blocks: dict[str, list[str]] = {}
-    current: list[str] = []
-    for line in text.splitlines():
-        if line.startswith("# "):
-            current = blocks.setdefault(line[2:], [])
-        else:
-            current.append(line)
-    return {family: "\n".join(lines) + "\n" for family, lines in blocks.items()}
 
 
 @pytest.mark.parametrize("variant", ["nft", "legacy"])
@@ -28,7 +17,7 @@ def test_restore_text_passes_iptables_restore_test(
 ) -> None:
     result = meshnet(["istio-iptables", *CASES[case], "--dry-run"])
     assert result.returncode == 0, result.stderr
-    blocks = _blocks(result.stdout)
+    blocks = restore_blocks(result.stdout)
     assert set(blocks) == {"ipv4", "ipv6"}
     for family, binary in (("ipv4", "iptables"), ("ipv6", "ip6tables")):
         tool = [f"{binary}-{variant}-restore", "--noflush", "--test"]

@@ -9,27 +9,10 @@ import os
 
 import pytest
 
-from tests.support import REPO, meshnet
+from tests.support import REPO, STANDARD_ARGS, meshnet
 
 GOLDENS = REPO / "tests" / "goldens"
-STANDARD = [
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-]
+STANDARD = [*STANDARD_ARGS]
 CASES = {
     "standard": [*STANDARD, "--enable-ipv6", "false"],
     "standard-dual-stack": [*STANDARD, "--dual-stack", "--enable-ipv6", "true"],

@@ -10,6 +10,7 @@ from meshnet import options, planner
 from meshnet.model import Family, Ruleset
 from meshnet.render import restore, transcript
 from meshnet.state import simulate_restore
+from tests.support import restore_blocks
 from tests.unit.test_options import FakeSystem
 
 ports = st.integers(1, 65535).map(str)
@@ -61,17 +62,6 @@ def _plan(flags: dict[str, str], env: dict[str, str]) -> Ruleset:
     return planner.plan(options.build(raw, FakeSystem()))
 
 
-def _family_blocks(text: str) -> dict[str, str]:
-    blocks: dict[str, list[str]] = {}
-    current: list[str] = []
-    for line in text.splitlines():
-        if line.startswith("# "):
-            current = blocks.setdefault(line[2:], [])
-        else:
-            current.append(line)
-    return {family: "\n".join(lines) + "\n" for family, lines in blocks.items()}
-
-
 def _model_chains(ruleset: Ruleset, family: Family) -> dict[str, dict[str, list[tuple[str, ...]]]]:
     return {
         table: {chain: [(chain, *r.spec) for r in rules] for chain, rules in chains.items()}
@@ -83,7 +73,7 @@ def _model_chains(ruleset: Ruleset, family: Family) -> dict[str, dict[str, list[
 @given(flags=flag_values, env=env_values)
 def test_restore_text_loads_back_into_the_model(flags: dict[str, str], env: dict[str, str]) -> None:
     ruleset = _plan(flags, env)
-    blocks = _family_blocks(restore.render(ruleset))
+    blocks = restore_blocks(restore.render(ruleset))
     assert sorted(blocks) == sorted(ruleset.families())
     for family in ruleset.families():
         loaded = simulate_restore(blocks[family])
