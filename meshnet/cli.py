@@ -169,8 +169,6 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=args, prog_name="meshnet", standalone_mode=False)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
-    except SystemExit:
-        raise
     except click.UsageError as err:
         click.echo(f"Error: {err.format_message()}", err=True)
         if err.ctx is not None:
