@@ -383,7 +383,6 @@ LOG_FLAGS: tuple[Flag, ...] = (
 )
 
 ALL_FLAGS: tuple[Flag, ...] = ISTIO_FLAGS + ENV_ONLY + EXTENSIONS + LOG_FLAGS
-BY_KEY: dict[str, Flag] = {flag.key: flag for flag in ALL_FLAGS}
 # Every env variable meshnet reads, so tests can run with a clean environment.
 ENV_NAMES: frozenset[str] = frozenset(
     name for flag in ALL_FLAGS for name in (flag.env, flag.alias_env) if name

@@ -65,11 +65,6 @@ class IptablesBinary:
         """Legacy ≥ 1.6.2 takes the xtables lock; nf_tables never does."""
         return self.legacy and self.version >= _LOCKING_VERSION
 
-    @property
-    def version_text(self) -> str:
-        """The version as iptables prints it, e.g. ``1.8.9``."""
-        return ".".join(str(part) for part in self.version)
-
 
 def detect(ipv6: bool, force: str = "", *, lockfile: str | None = None) -> IptablesBinary:
     """Choose the binary set for one family exactly as Istio's DetectIptablesVersion.

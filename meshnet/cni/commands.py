@@ -9,6 +9,8 @@ from typing import Any
 from meshnet import engine, logs, netns, options, planner, routes
 from meshnet.cni import kube
 from meshnet.cni.plugin import (
+    ERR_INTERNAL,
+    ERR_INVALID_ENV,
     KUBECONFIG_NAME,
     SELF_POD_PREFIX,
     Call,
@@ -24,7 +26,6 @@ from meshnet.model import Ruleset
 from meshnet.options import Options, Raw
 from meshnet.render import transcript
 
-ERR_INTERNAL = 999
 # Env-only options come from the plugin's own environment, as in Istio; nothing else does.
 _PLUGIN_ENV = tuple(flag.env for flag in ENV_ONLY if flag.env)
 
@@ -106,7 +107,9 @@ def _refuse_own_namespace(call: Call) -> None:
         return  # reported with a clear message when it is entered
     own = os.stat("/proc/self/ns/net")
     if (target.st_dev, target.st_ino) == (own.st_dev, own.st_ino):
-        raise CniError(4, "plugin's netns and netns from CNI_NETNS should not be the same")
+        raise CniError(
+            ERR_INVALID_ENV, "plugin's netns and netns from CNI_NETNS should not be the same"
+        )
 
 
 def _pod_decision(call: Call) -> PodDecision:
