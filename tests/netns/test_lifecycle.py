@@ -233,8 +233,18 @@ def assert_landed(landing: Landing, label: str, port: int) -> None:
 def run_in_pod_as_proxy(
     topo: Topology, args: Sequence[str], timeout: float = 30
 ) -> subprocess.CompletedProcess[str]:
-    """`python -m meshnet ARGS` inside the pod namespace as uid/gid 1337 (no capabilities)."""
-    ids = [f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups"]
+    """`python -m meshnet ARGS` inside the pod namespace as uid/gid 1337.
+
+    The one capability kept, CAP_DAC_READ_SEARCH, only lets uid 1337 read the checkout and its
+    venv wherever CI cloned them (e.g. a mode-700 mktemp dir); the owner match sees uid 1337.
+    """
+    ids = [
+        f"--reuid={PROXY_UID}",
+        f"--regid={PROXY_UID}",
+        "--clear-groups",
+        "--inh-caps=+dac_read_search",
+        "--ambient-caps=+dac_read_search",
+    ]
     argv = netns_argv(topo.pod_ns, ["setpriv", *ids, PYTHON, "-m", "meshnet", *args])
     return subprocess.run(  # fixed argument list, no shell
         argv, env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout
