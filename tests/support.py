@@ -60,17 +60,17 @@ def meshnet(
     )
 
 
-def conformance_dir() -> Path:
-    return Path(os.environ.get("MESHNET_CONFORMANCE_DIR", REPO.parent / "shared" / "conformance"))
+CONFORMANCE = REPO / "tests" / "conformance" / "data"
+
+
+def conformance_index(suite: str) -> Any:
+    """A suite's `cases.json` (part of the repository: a missing one is an error)."""
+    return json.loads((CONFORMANCE / suite / "cases.json").read_text())
 
 
 def conformance_cases(suite: str) -> list[Any]:
-    """pytest params for every case of a conformance suite; one skip when the corpus is absent."""
-    index = conformance_dir() / suite / "cases.json"
-    if not index.is_file():
-        reason = f"conformance corpus not found at {index.parent} (set MESHNET_CONFORMANCE_DIR)"
-        return [pytest.param(None, marks=pytest.mark.skip(reason=reason), id="corpus-missing")]
-    return [pytest.param(case, id=case["name"]) for case in json.loads(index.read_text())]
+    """pytest params for every case of a conformance suite."""
+    return [pytest.param(case, id=case["name"]) for case in conformance_index(suite)]
 
 
 def restore_blocks(text: str) -> dict[str, str]:

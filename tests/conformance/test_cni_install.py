@@ -7,7 +7,6 @@ the installer's config cleanup. Files are compared after stripping the whole tex
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -24,9 +23,9 @@ from meshnet.cni.install import (
     remove_cni_config,
 )
 from tests.conftest import RAN
-from tests.support import IN_CI, conformance_dir
+from tests.support import CONFORMANCE, conformance_index
 
-SUITE = conformance_dir() / "cni-install"
+SUITE = CONFORMANCE / "cni-install"
 GIVE_UP_AFTER = 0.1  # Istio's test cancels its context after 100 ms
 # The README's mapping from case settings to the installer's environment variables.
 ENV_NAMES = {
@@ -46,11 +45,7 @@ ENV_NAMES = {
 
 
 def _cases(kind: str) -> list[Any]:
-    index = SUITE / "cases.json"
-    if not index.is_file():
-        reason = f"conformance corpus not found at {SUITE} (set MESHNET_CONFORMANCE_DIR)"
-        return [pytest.param(None, marks=pytest.mark.skip(reason=reason), id="corpus-missing")]
-    return [pytest.param(case, id=case["name"]) for case in json.loads(index.read_text())[kind]]
+    return [pytest.param(case, id=case["name"]) for case in conformance_index("cni-install")[kind]]
 
 
 def _passed() -> None:
@@ -76,11 +71,6 @@ def _give_up_after(seconds: float) -> Wait:
 
 def _snapshot(directory: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
-
-
-def test_corpus_is_present_in_ci() -> None:
-    if IN_CI:
-        assert (SUITE / "cases.json").is_file(), f"CI needs the conformance corpus at {SUITE}"
 
 
 @pytest.mark.parametrize("case", _cases("create"))
@@ -131,9 +121,7 @@ def test_cleanup(case: dict[str, Any], tmp_path: Path) -> None:
 
 def test_entry_matches_istio_cni_conf() -> None:
     """`istio-cni.conf` is exactly the entry the create settings produce (README, cni-install)."""
-    if not (SUITE / "cases.json").is_file():
-        pytest.skip(f"conformance corpus not found at {SUITE} (set MESHNET_CONFORMANCE_DIR)")
-    case = json.loads((SUITE / "cases.json").read_text())["create"][0]
+    case = conformance_index("cni-install")["create"][0]
     settings = _settings(case["settings"], Path("/unused"))
     rendered = conflist.render_entry(settings.plugin_config())
     assert rendered == (SUITE / "istio-cni.conf").read_text()

@@ -11,14 +11,9 @@ import pytest
 from tests.cni.fakes import FakeApi, get_rules, pod_namespace, run_plugin, write_kubeconfig
 from tests.conftest import RAN
 from tests.netns.harness import require_root_netns
-from tests.support import IN_CI, conformance_cases, conformance_dir
+from tests.support import CONFORMANCE, conformance_cases
 
-SUITE = conformance_dir() / "cni-plugin"
-
-
-def test_corpus_is_present_in_ci() -> None:
-    if IN_CI:
-        assert (SUITE / "cases.json").is_file(), f"CI needs the conformance corpus at {SUITE}"
+SUITE = CONFORMANCE / "cni-plugin"
 
 
 @pytest.mark.parametrize("case", conformance_cases("cni-plugin"))

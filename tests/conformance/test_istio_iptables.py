@@ -8,14 +8,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import RAN
-from tests.support import IN_CI, conformance_cases, conformance_dir, meshnet
+from tests.support import CONFORMANCE, conformance_cases, meshnet
 
-SUITE = conformance_dir() / "istio-iptables"
-
-
-def test_corpus_is_present_in_ci() -> None:
-    if IN_CI:
-        assert (SUITE / "cases.json").is_file(), f"CI needs the conformance corpus at {SUITE}"
+SUITE = CONFORMANCE / "istio-iptables"
 
 
 @pytest.mark.parametrize("case", conformance_cases("istio-iptables"))
