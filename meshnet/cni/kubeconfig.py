@@ -1,16 +1,13 @@
 """The plugin's kubeconfig: clientcmd v1 YAML built from the service-account token and CA.
 
-SPEC-istio §5.4 (`kubeconfig.go`): keys sorted as `sigs.k8s.io/yaml` writes them. The text is
-rendered by hand (a dozen fixed lines) rather than with a YAML library: meshnet depends on
-nothing beyond click and structlog, and the plugin's reader (`meshnet.cni.kube`) parses exactly
-these lines.
+Istio's `cni/pkg/install/kubeconfig.go`: clientcmd's v1 layout, keys sorted as
+`sigs.k8s.io/yaml` writes them, rendered with PyYAML (the plugin's reader, `meshnet.cni.kube`,
+reads any kubeconfig clientcmd reads).
 """
 
 from __future__ import annotations
 
 import base64
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,54 +69,35 @@ def read_ca(path: Path) -> bytes:
 
 def render(server: str, token: str, ca_data: bytes | None, plugin_name: str) -> str:
     """The kubeconfig text; `ca_data=None` means `insecure-skip-tls-verify: true`."""
-    if ca_data is None:
-        tls = "insecure-skip-tls-verify: true"
-    else:
-        tls = f"certificate-authority-data: {base64.b64encode(ca_data).decode('ascii')}"
-    return _document(server, _scalar(token), tls, plugin_name)
+    tls: dict[str, str | bool] = {"insecure-skip-tls-verify": True}
+    if ca_data is not None:
+        tls = {"certificate-authority-data": base64.b64encode(ca_data).decode("ascii")}
+    return _document(server, token, tls, plugin_name)
 
 
 def render_redacted(server: str, ca: Path | None, plugin_name: str) -> str:
     """The same text with the secrets left out, for the log (as Istio logs it)."""
-    if ca is None:
-        tls = "insecure-skip-tls-verify: true"
-    else:
-        tls = f"certificate-authority-data: <CA cert from {ca}>"
+    tls: dict[str, str | bool] = {"insecure-skip-tls-verify": True}
+    if ca is not None:
+        tls = {"certificate-authority-data": f"<CA cert from {ca}>"}
     return _document(server, "<redacted>", tls, plugin_name)
 
 
-def _document(server: str, token: str, tls: str, plugin_name: str) -> str:
-    user = _scalar(plugin_name)
-    context = _scalar(plugin_name + "-context")
-    return (
-        "apiVersion: v1\n"
-        "clusters:\n"
-        "- cluster:\n"
-        f"    {tls}\n"
-        f"    server: {_scalar(server)}\n"
-        "  name: local\n"
-        "contexts:\n"
-        "- context:\n"
-        "    cluster: local\n"
-        f"    user: {user}\n"
-        f"  name: {context}\n"
-        f"current-context: {context}\n"
-        "kind: Config\n"
-        "users:\n"
-        f"- name: {user}\n"
-        "  user:\n"
-        f"    token: {token}\n"
+def _document(server: str, token: str, tls: dict[str, str | bool], plugin_name: str) -> str:
+    import yaml  # here: the commands that never write a kubeconfig do not load it
+
+    context = plugin_name + "-context"
+    document = {
+        "apiVersion": "v1",
+        "clusters": [{"cluster": {**tls, "server": server}, "name": "local"}],
+        "contexts": [{"context": {"cluster": "local", "user": plugin_name}, "name": context}],
+        "current-context": context,
+        "kind": "Config",
+        "users": [{"name": plugin_name, "user": {"token": token}}],
+    }
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    # Keys sorted and lists not indented, as sigs.k8s.io/yaml writes; no line folding.
+    text: str = yaml.dump(
+        document, Dumper=dumper, sort_keys=True, default_flow_style=False, width=1 << 30
     )
-
-
-# A YAML plain scalar that no YAML 1.1 reader turns into a bool, null or number.
-_PLAIN = re.compile(r"[A-Za-z0-9/+_.][A-Za-z0-9/+_.=:\[\]@%~-]*")
-_NUMBER = re.compile(r"[-+]?(\.\d+|\d[\d_]*(\.\d*)?)([eE][-+]?\d+)?|0x[0-9a-fA-F_]+|0o?[0-7_]+")
-_WORDS = {"y", "n", "yes", "no", "on", "off", "true", "false", "null", "~", ".inf", ".nan"}
-
-
-def _scalar(text: str) -> str:
-    """Plain when it is safe (as go-yaml writes it), else a double-quoted (JSON) string."""
-    if _PLAIN.fullmatch(text) and not _NUMBER.fullmatch(text) and text.lower() not in _WORDS:
-        return text
-    return json.dumps(text, ensure_ascii=False)  # a JSON string is a YAML double-quoted scalar
+    return text

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
+import ssl
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -17,19 +20,81 @@ from typing import Any
 TOKEN = "test-token-" + secrets.token_hex(4)
 
 
-class FakeApi:
-    """Serves pods at /api/v1/namespaces/NS/pods/NAME; checks the bearer token."""
+@dataclass(frozen=True, slots=True)
+class Pki:
+    """A cluster CA, the API server's certificate (127.0.0.1 and ::1) and a client's."""
 
-    def __init__(self) -> None:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path  # a CA that signed nothing here: verification against it fails
+
+
+def make_pki(directory: Path) -> Pki:
+    """Self-signed CAs and leaf certificates, made with the openssl tool (EC P-256, 1 day)."""
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
+
+    for name in ("ca", "other-ca"):
+        openssl(
+            *("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"),
+            *("-nodes", "-days", "1", "-subj", f"/CN=meshnet test {name}"),
+            *("-keyout", f"{name}.key", "-out", f"{name}.crt"),
+        )
+    leaves = {
+        "server": ("/CN=kube-apiserver", "subjectAltName=IP:127.0.0.1,IP:::1"),
+        "client": ("/CN=meshnet-cni/O=system:nodes", "extendedKeyUsage=clientAuth"),
+    }
+    for name, (subject, extension) in leaves.items():
+        openssl(
+            *("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"),
+            *("-subj", subject, "-keyout", f"{name}.key", "-out", f"{name}.csr"),
+        )
+        (directory / f"{name}.ext").write_text(extension + "\n")
+        openssl(
+            *("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key"),
+            *("-CAcreateserial", "-days", "1", "-extfile", f"{name}.ext", "-out", f"{name}.crt"),
+        )
+    return Pki(
+        ca=directory / "ca.crt",
+        server_cert=directory / "server.crt",
+        server_key=directory / "server.key",
+        client_cert=directory / "client.crt",
+        client_key=directory / "client.key",
+        other_ca=directory / "other-ca.crt",
+    )
+
+
+class _Server6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+class FakeApi:
+    """Serves pods at /api/v1/namespaces/NS/pods/NAME; checks the bearer token.
+
+    pki: serve HTTPS with its server certificate; require_client_cert: the TLS handshake
+    demands a client certificate signed by its CA, which then authenticates the request in
+    place of the token (as the API server's x509 authenticator does). host: 127.0.0.1 or ::1.
+    """
+
+    def __init__(
+        self, pki: Pki | None = None, require_client_cert: bool = False, host: str = "127.0.0.1"
+    ) -> None:
         self.pods: dict[tuple[str, str], dict[str, Any]] = {}
         self.requests: list[str] = []
         self.status_override: int | None = None
+        self.host = host
         api = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 api.requests.append(self.path)
-                if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+                by_cert = require_client_cert and bool(self.connection.getpeercert())  # type: ignore[attr-defined]
+                if not by_cert and self.headers.get("Authorization") != f"Bearer {TOKEN}":
                     return self._reply(401, {"message": "Unauthorized"})
                 if api.status_override is not None:
                     return self._reply(api.status_override, {"message": "injected"})
@@ -51,12 +116,23 @@ class FakeApi:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server_class = _Server6 if ":" in host else ThreadingHTTPServer
+        self.server = server_class((host, 0), Handler)
+        self.scheme = "http"
+        if pki is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(pki.server_cert, pki.server_key)
+            if require_client_cert:
+                context.verify_mode = ssl.CERT_REQUIRED
+                context.load_verify_locations(pki.ca)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.server.server_address[1]}"
 
     def __enter__(self) -> FakeApi:
         self.thread.start()

@@ -1,24 +1,17 @@
-"""Reading deploy/*.yaml: with PyYAML when the venv has it, else Debian's python3-yaml."""
+"""Reading deploy/*.yaml with PyYAML (a runtime dependency of meshnet)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
+import yaml
 
-from tests.support import IN_CI, REPO
+from tests.support import REPO
 
 DEPLOY = REPO / "deploy"
 INIT_MANIFEST = DEPLOY / "init-container.yaml"
 CNI_MANIFEST = DEPLOY / "cni-daemonset.yaml"
-SYSTEM_PYTHON = "/usr/bin/python3"
-_TO_JSON = (
-    "import json, sys, yaml; json.dump(list(yaml.safe_load_all(open(sys.argv[1]))), sys.stdout)"
-)
-
 # The args Istio's injector writes for istio-init by default (SPEC-istio §5.2, last block).
 STANDARD_ARGS = [
     "istio-iptables",
@@ -30,35 +23,8 @@ STANDARD_ARGS = [
 
 def load(path: Path) -> list[dict[str, Any]]:
     """Every document in a YAML file (empty documents dropped)."""
-    try:
-        import yaml  # type: ignore[import-untyped]
-
-        docs = list(yaml.safe_load_all(path.read_text()))
-    except ImportError:
-        docs = _load_with_system_python(path)
+    docs = list(yaml.safe_load_all(path.read_text()))
     return [doc for doc in docs if doc is not None]
-
-
-def _load_with_system_python(path: Path) -> list[Any]:
-    # The venv has no PyYAML (not a project dependency); Debian's python3-yaml parses instead.
-    try:
-        result = subprocess.run(
-            [SYSTEM_PYTHON, "-c", _TO_JSON, str(path)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-    except FileNotFoundError:
-        result = None
-    if result is None or result.returncode != 0:
-        detail = result.stderr.strip().splitlines()[-1:] if result else ["no /usr/bin/python3"]
-        message = f"cannot parse YAML: no PyYAML in the venv, and {SYSTEM_PYTHON}: {detail}"
-        if IN_CI:
-            pytest.fail(message + " (apt-get install python3-yaml)", pytrace=False)
-        pytest.skip(message)
-    loaded: list[Any] = json.loads(result.stdout)
-    return loaded
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
