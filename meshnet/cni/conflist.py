@@ -4,9 +4,11 @@ Everything here works on text and values (SPEC-istio §5.4 `createCNIConfigFile`
 `insertCNIConfig`, `checkValidCNIConfig`, `Cleanup`), plus read-only scans of the conf dir.
 Writing files is the installer's job (`meshnet.cni.install`).
 
-Istio decodes JSON into Go maps and encodes with `json.MarshalIndent`; the helpers `loads` and
-`marshal` reproduce that exactly (sorted keys, 2-space indent, HTML-escaped `<>&`, numbers
-re-encoded as float64), so merged files match Istio's goldens byte for byte.
+Istio decodes JSON into Go maps and encodes with `json.MarshalIndent`; `loads` and `marshal`
+keep its layout (sorted keys, 2-space indent), so merged files match Istio's goldens byte for
+byte, but not its losses: a number is written back as it was read (Go rounds it to a float64:
+12345678901234567890 becomes 12345678901234567000) and `<>&` stay as they are (Go writes
+`\u003c`...).
 """
 
 from __future__ import annotations
@@ -75,13 +77,20 @@ def render_entry(config: PluginConfig) -> str:
     return marshal(plugin_entry(config), sort_keys=False)
 
 
-# --- Go-compatible JSON -------------------------------------------------------------------
+# --- JSON in Istio's layout, values kept exactly ----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Number:
+    """A JSON number as its source text, so that it is written back digit for digit."""
+
+    text: str
 
 
 def loads(text: str, what: str) -> dict[str, Any]:
-    """Decode like Go's `json.Unmarshal` into `map[string]any`: an object, numbers as float64."""
+    """Decode like Go's `json.Unmarshal` into `map[string]any`, numbers kept as `Number`."""
     try:
-        value = json.loads(text, parse_int=_go_number, parse_float=_go_number, parse_constant=_nan)
+        value = json.loads(text, parse_int=Number, parse_float=Number, parse_constant=_nan)
     except ValueError as err:
         raise CniConfigError(f"error loading {what} (JSON error): {err}") from None
     if value is None:  # Go leaves the map nil: no keys
@@ -97,21 +106,6 @@ def loads(text: str, what: str) -> dict[str, Any]:
 def marshal(value: Any, sort_keys: bool = True) -> str:
     """Go's `json.MarshalIndent(value, "", "  ")` plus the trailing newline Istio adds."""
     return _encode(value, "", sort_keys) + "\n"
-
-
-def _go_number(text: str) -> int | float:
-    number = float(text)
-    if not math.isfinite(number):
-        raise ValueError(f"number {text} does not fit a float64")
-    if number.is_integer() and abs(number) < 1e21 and not _negative_zero(number):
-        # float64 precision, printed without exponent: 1.0 -> 1, 12345678901234567890 ->
-        # 12345678901234567000. Negative zero stays a float so it prints as Go's "-0".
-        return int(Decimal(repr(number)))
-    return number
-
-
-def _negative_zero(number: float) -> bool:
-    return number == 0 and math.copysign(1, number) < 0
 
 
 def _nan(text: str) -> Any:
@@ -133,6 +127,8 @@ def _encode(value: Any, indent: str, sort_keys: bool) -> str:
         return "[\n" + ",\n".join(items) + "\n" + indent + "]"
     if isinstance(value, str):
         return _string(value)
+    if isinstance(value, Number):
+        return value.text
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -144,25 +140,12 @@ def _encode(value: Any, indent: str, sort_keys: bool) -> str:
     raise CniConfigError(f"cannot encode {type(value).__name__} as JSON")
 
 
-# Go's encoder escapes these for HTML safety; Python's does not.
-_GO_ESCAPES = {
-    "<": "\\u003c",
-    ">": "\\u003e",
-    "&": "\\u0026",
-    "\u2028": "\\u2028",
-    "\u2029": "\\u2029",
-}
-
-
 def _string(text: str) -> str:
-    encoded = json.dumps(text, ensure_ascii=False)
-    for char, escape in _GO_ESCAPES.items():
-        encoded = encoded.replace(char, escape)
-    return encoded
+    return json.dumps(text, ensure_ascii=False)  # no HTML escaping: a config is not a web page
 
 
 def _float(number: float) -> str:
-    """encoding/json's float64 format: shortest digits, exponent only below 1e-6 or from 1e21."""
+    """encoding/json's float64 format (for values given as options, not read from files)."""
     if not math.isfinite(number):
         raise CniConfigError(f"unsupported value: {number}")
     magnitude = abs(number)
@@ -256,37 +239,71 @@ def _first_of_type(plugins: list[Any], plugin_type: str, where: str) -> int | No
 def find_primary(conf_dir: Path) -> str | None:
     """The file the runtime uses: the first valid config in sorted order (libcni.ConfFiles)."""
     try:
-        names = sorted(
-            entry.name
-            for entry in os.scandir(conf_dir)
-            if entry.name.endswith(CONF_EXTENSIONS) and entry.is_file()
-        )
-    except FileNotFoundError:
+        found = _candidates(conf_dir)
+    except OSError:
         return None
-    for name in names:
-        if is_valid_config(name, _read(conf_dir / name)):
+    for name, problem in found:
+        if problem is None:
             return name
     return None
 
 
-def is_valid_config(name: str, text: str | None) -> bool:
-    """A list with plugins that each have a type, or a single config with a type (libcni)."""
+def no_primary_reason(conf_dir: Path) -> str:
+    """Why `find_primary` finds nothing: the dir, or each config file and what is wrong in it."""
+    try:
+        found = _candidates(conf_dir)
+    except FileNotFoundError:
+        return f"CNI conf dir {conf_dir} does not exist (is the host's dir mounted?)"
+    except OSError as err:
+        return f"CNI conf dir {conf_dir} cannot be read: {err.strerror}"
+    if not found:
+        return f"no CNI config file (.conf, .conflist, .json) in {conf_dir}"
+    problems = "; ".join(f"{name}: {problem}" for name, problem in found)
+    return f"no valid CNI config in {conf_dir}: {problems}"
+
+
+def _candidates(conf_dir: Path) -> list[tuple[str, str | None]]:
+    """Config files in sorted order, each with why it is not valid (None: valid)."""
+    with os.scandir(conf_dir) as entries:
+        names = sorted(
+            entry.name
+            for entry in entries
+            if entry.name.endswith(CONF_EXTENSIONS) and entry.is_file()
+        )
+    return [(name, config_invalid(name, _read(conf_dir / name))) for name in names]
+
+
+def config_invalid(name: str, text: str | None) -> str | None:
+    """libcni's checks: a list with plugins that each have a type, or one config with a type."""
     if text is None:
-        return False
+        return "unreadable"
     try:
         config = loads(text, name)
-    except CniConfigError:
-        return False
+    except CniConfigError as err:
+        return str(err)
     if not name.endswith(".conflist"):
-        return _is_plugin(config)
+        return None if _is_plugin(config) else "no plugin type"
     plugins = config.get("plugins")
-    return (
-        isinstance(config.get("name"), str)
-        and isinstance(config.get("cniVersion", ""), str)
-        and isinstance(plugins, list)
-        and bool(plugins)
-        and all(_is_plugin(plugin) for plugin in plugins)
-    )
+    if not isinstance(config.get("name"), str):
+        return "no network name"
+    if not isinstance(config.get("cniVersion", ""), str):
+        return "cniVersion is not a string"
+    if not isinstance(plugins, list) or not plugins:
+        return "no plugins"
+    if not all(_is_plugin(plugin) for plugin in plugins):
+        return "a plugin without a type"
+    return None
+
+
+def merge_problem(text: str, where: str) -> str | None:
+    """Why `insert` cannot merge into this text, or None (a named file has no extension rule)."""
+    try:
+        config = loads(text, f"CNI config {where}")
+        if "type" not in config:
+            _first_of_type(_plugins(config, where), "\0", where)  # checks every plugin
+    except CniConfigError as err:
+        return str(err)
+    return None
 
 
 def _is_plugin(value: Any) -> bool:
@@ -307,3 +324,40 @@ def siblings(path: Path) -> tuple[Path, ...]:
     if path.suffix == ".conflist":
         return tuple(path.with_suffix(ext) for ext in SINGLE_EXTENSIONS)
     return ()
+
+
+# --- the user's original file ------------------------------------------------------------------
+
+
+def backup_name(name: str, plugin_type: str) -> str:
+    """Where the installer keeps a user's file it changed: an extension no runtime loads."""
+    return f"{name}.{plugin_type}-orig"
+
+
+def holds_plugin(text: str, plugin_type: str) -> bool:
+    """True when the config has a plugin of our type (unreadable configs: False)."""
+    try:
+        config = loads(text, "CNI config")
+        if config.get("type") == plugin_type:
+            return True
+        plugins = config.get("plugins")
+        return isinstance(plugins, list) and any(
+            isinstance(plugin, dict) and plugin.get("type") == plugin_type for plugin in plugins
+        )
+    except CniConfigError:
+        return False
+
+
+def only_ours_added(original: str, current: str, plugin_type: str) -> bool:
+    """True when `current` is what `insert` made of `original`, give or take our entry.
+
+    Then the original can be put back as it was; otherwise someone else changed the file
+    since, and only our entry is removed from it.
+    """
+    if holds_plugin(original, plugin_type):
+        return False  # putting it back would bring back a plugin of ours
+    try:
+        merged = insert(marshal({"type": plugin_type}), original, plugin_type)
+        return remove(merged, plugin_type, "merged") == remove(current, plugin_type, "current")
+    except CniConfigError:
+        return False

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from meshnet.cni import conflist
-from meshnet.cni.install import ENV_OPTIONS, Settings, create_cni_config_file
+from meshnet.cni.install import ENV_OPTIONS, Settings, create_cni_config_file, remove_cni_config
 from meshnet.errors import OptionError
 from tests.support import REPO, clean_env
 
@@ -135,14 +135,18 @@ class Daemon:
 
     def readyz(self) -> int | None:
         """The HTTP status of /readyz, or None while nothing listens."""
+        return self.readyz_reply()[0]
+
+    def readyz_reply(self) -> tuple[int | None, str]:
+        """The status and body of /readyz ((None, "") while nothing listens)."""
         url = f"http://127.0.0.1:{self.port}/readyz"
         try:
             with urllib.request.urlopen(url, timeout=1) as response:
-                return int(response.status)
+                return int(response.status), response.read().decode()
         except urllib.error.HTTPError as err:
-            return err.code
+            return err.code, err.read().decode()
         except OSError:
-            return None
+            return None, ""
 
     def terminate(self, signum: int = signal.SIGTERM) -> int:
         os.kill(self.process.pid, signum)
@@ -215,19 +219,24 @@ def test_waits_without_config_then_merges_a_bridge_conf(
 ) -> None:
     daemon = start()
     eventually(lambda: host.kubeconfig.exists() and host.binary.exists(), "installed", daemon)
-    eventually(lambda: daemon.readyz() == 503, "/readyz answers 503", daemon)
+    waiting = f"not ready: no CNI config file (.conf, .conflist, .json) in {host.conf_dir}\n"
+    eventually(lambda: daemon.readyz_reply() == (503, waiting), "/readyz says why", daemon)
     time.sleep(0.6)  # more than one poll: it must keep waiting and write nothing
     assert list(host.conf_dir.iterdir()) == []
 
-    write_json(host.conf_dir / "10-bridge.conf", BRIDGE)
+    conf = host.conf_dir / "10-bridge.conf"
+    write_json(conf, BRIDGE)
+    original = conf.read_bytes()
     merged = host.conf_dir / "10-bridge.conflist"
     eventually(lambda: types_of(merged) == ["bridge", PLUGIN], "merged into a conflist", daemon)
-    assert not (host.conf_dir / "10-bridge.conf").exists()
+    assert not conf.exists()
     eventually(lambda: daemon.readyz() == 200, "/readyz answers 200", daemon)
+    wrapped_bridge = {k: v for k, v in BRIDGE.items() if k != "cniVersion"}  # Istio's quirk
+    assert plugins_of(merged)[0] == wrapped_bridge
 
     assert daemon.terminate() == 0, daemon.logs()
-    wrapped_bridge = {k: v for k, v in BRIDGE.items() if k != "cniVersion"}  # Istio's quirk
-    assert plugins_of(merged) == [wrapped_bridge]
+    assert sorted(p.name for p in host.conf_dir.iterdir()) == ["10-bridge.conf"]
+    assert conf.read_bytes() == original  # the user's file, not the wrapped list
 
 
 def test_appends_to_an_existing_conflist_and_keeps_its_mode(
@@ -330,11 +339,9 @@ def test_signal_removes_exactly_what_it_added(
     eventually(lambda: daemon.readyz() == 200, "/readyz answers 200", daemon)
 
     assert daemon.terminate(signum) == 0, daemon.logs()
-    after = host.snapshot()
     assert plugins_of(config) == original_plugins
     assert not host.kubeconfig.exists() and not host.binary.exists()
-    changed = {name for name in before.keys() | after.keys() if before.get(name) != after.get(name)}
-    assert changed == {"net.d/10-list.conflist"}  # re-serialised by the cleanup; nothing else
+    assert host.snapshot() == before  # the conflist byte for byte, not re-serialised
 
 
 def test_missing_api_server_env_is_an_error_and_leaves_nothing(
@@ -350,17 +357,6 @@ def test_missing_api_server_env_is_an_error_and_leaves_nothing(
 
 
 # --- in-process: what the goldens do not cover ---------------------------------------------
-
-
-def test_numbers_and_html_characters_are_encoded_as_go_does() -> None:
-    text = '{"b": [1.0, 1e-5, 1.5e-7, 1e21, 12345678901234567890, -0], "a": "<&>"}'
-    assert conflist.marshal(conflist.loads(text, "test")) == (
-        "{\n"
-        '  "a": "\\u003c\\u0026\\u003e",\n'
-        '  "b": [\n    1,\n    0.00001,\n    1.5e-7,\n    1e+21,\n'
-        "    12345678901234567000,\n    -0\n  ]\n"
-        "}\n"
-    )
 
 
 def test_primary_is_the_first_valid_file_in_sorted_order(tmp_path: Path) -> None:
@@ -380,7 +376,10 @@ def test_a_json_primary_is_wrapped_into_a_conflist(tmp_path: Path) -> None:
     written = create_cni_config_file(settings, lambda seconds: False)
     assert written == tmp_path / "10-bridge.conflist"
     assert types_of(written) == ["bridge", PLUGIN]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["10-bridge.conflist"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "10-bridge.conflist",
+        "10-bridge.json.meshnet-cni-orig",  # the user's file, which no runtime loads there
+    ]
 
 
 @pytest.mark.parametrize(
@@ -401,3 +400,176 @@ def test_malformed_options_are_errors_naming_the_variable(name: str, value: str)
 @pytest.mark.parametrize(("value", "mode"), [("0640", 0o640), ("420", 0o644), ("0o600", 0o600)])
 def test_kubeconfig_mode_is_parsed_like_go(value: str, mode: int) -> None:
     assert Settings.from_env({"KUBECONFIG_MODE": value}).kubeconfig_mode == mode
+
+
+# --- the user's CNI config is never lost ---------------------------------------------------
+
+# As another CNI may write it: numbers Go would round, characters Go would escape, odd layout.
+EXACT_CONF = (
+    '{ "cniVersion": "1.0.0", "name": "mynet", "type": "bridge",\n'
+    '  "bigint": 12345678901234567890, "float": 1.50, "tiny": 1e-7, "negzero": -0,\n'
+    '  "html": "<a&b>", "sep": "x\\u2028y", "unicode": "\\u00e9t\\u00e9" }\n'
+)
+
+
+def in_process(conf_dir: Path, **env: str) -> Settings:
+    return Settings.from_env({"MOUNTED_CNI_NET_DIR": str(conf_dir), **env})
+
+
+def test_numbers_and_strings_survive_the_merge_exactly(tmp_path: Path) -> None:
+    (tmp_path / "10-mynet.conf").write_text(EXACT_CONF)
+    written = create_cni_config_file(in_process(tmp_path), lambda seconds: False)
+    text = written.read_text()
+    for literal in ("12345678901234567890", "1.50", "1e-7", "-0", '"<a&b>"', '"été"'):
+        assert f": {literal}" in text, text
+    assert '"x\u2028y"' in text, text
+    assert "\\u003c" not in text and "12345678901234567000" not in text
+    user_plugin = json.loads(text)["plugins"][0]
+    assert {k: v for k, v in user_plugin.items()} == {
+        k: v for k, v in json.loads(EXACT_CONF).items() if k != "cniVersion"
+    }
+
+
+def test_a_converted_conf_comes_back_byte_for_byte_with_its_mode_and_owner(
+    host: Host, start: Callable[..., Daemon]
+) -> None:
+    conf = host.conf_dir / "10-mynet.conf"
+    conf.write_text(EXACT_CONF)
+    conf.chmod(0o604)
+    os.chown(conf, 4321, 8765)
+    daemon = start()
+    eventually(lambda: daemon.readyz() == 200, "/readyz answers 200", daemon)
+    backup = host.conf_dir / f"10-mynet.conf.{PLUGIN}-orig"
+    assert sorted(p.name for p in host.conf_dir.iterdir()) == [backup.name, "10-mynet.conflist"]
+    assert backup.read_text() == EXACT_CONF  # kept while the list is in place
+
+    assert daemon.terminate() == 0, daemon.logs()
+    assert sorted(p.name for p in host.conf_dir.iterdir()) == ["10-mynet.conf"]
+    status = conf.stat()
+    assert conf.read_text() == EXACT_CONF
+    assert (status.st_mode & 0o7777, status.st_uid, status.st_gid) == (0o604, 4321, 8765)
+
+
+def test_a_merged_conflist_keeps_its_owner(host: Host, start: Callable[..., Daemon]) -> None:
+    config = host.conf_dir / "10-list.conflist"
+    write_json(config, LIST, mode=0o640)
+    os.chown(config, 4321, 8765)
+    daemon = start()
+    eventually(lambda: types_of(config)[-1:] == [PLUGIN], "merged", daemon)
+    status = config.stat()
+    assert (status.st_mode & 0o7777, status.st_uid, status.st_gid) == (0o640, 4321, 8765)
+
+
+def test_a_config_changed_after_the_merge_keeps_the_change_and_the_original(
+    host: Host, start: Callable[..., Daemon]
+) -> None:
+    config = host.conf_dir / "10-list.conflist"
+    write_json(config, LIST)
+    original = config.read_bytes()
+    daemon = start()
+    eventually(lambda: daemon.readyz() == 200, "/readyz answers 200", daemon)
+    changed = json.loads(config.read_text())
+    changed["plugins"].insert(1, {"type": "portmap", "capabilities": {"portMappings": True}})
+    write_json(config, changed)  # someone adds a plugin and keeps ours: no re-merge needed
+
+    assert daemon.terminate() == 0, daemon.logs()
+    assert types_of(config) == ["bridge", "portmap", "tuning"]
+    backup = host.conf_dir / f"10-list.conflist.{PLUGIN}-orig"
+    assert backup.read_bytes() == original
+    assert "CNI config changed since the merge" in daemon.logs()
+
+
+def test_a_symlinked_conflist_is_written_through_and_restored(
+    host: Host, start: Callable[..., Daemon]
+) -> None:
+    real = host.conf_dir.parent / "cni-configs" / "list.conflist"
+    real.parent.mkdir()
+    write_json(real, LIST, mode=0o640)
+    original = real.read_bytes()
+    link = host.conf_dir / "10-list.conflist"
+    link.symlink_to("../cni-configs/list.conflist")
+    daemon = start()
+    eventually(lambda: daemon.readyz() == 200, "/readyz answers 200", daemon)
+    assert link.is_symlink() and os.readlink(link) == "../cni-configs/list.conflist"
+    assert types_of(real) == ["bridge", "tuning", PLUGIN]
+    assert real.stat().st_mode & 0o777 == 0o640
+
+    assert daemon.terminate() == 0, daemon.logs()
+    assert link.is_symlink() and os.readlink(link) == "../cni-configs/list.conflist"
+    assert real.read_bytes() == original
+    assert sorted(p.name for p in host.conf_dir.iterdir()) == ["10-list.conflist"]
+
+
+def test_a_symlinked_conf_is_moved_aside_whole_and_put_back(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere.json").write_text(json.dumps(BRIDGE))
+    conf_dir = tmp_path / "net.d"
+    conf_dir.mkdir()
+    link = conf_dir / "10-bridge.conf"
+    link.symlink_to("../elsewhere.json")
+    settings = in_process(conf_dir)
+    written = create_cni_config_file(settings, lambda seconds: False)
+    backup = conf_dir / f"10-bridge.conf.{PLUGIN}-orig"
+    assert backup.is_symlink() and not link.exists()
+    assert (tmp_path / "elsewhere.json").read_text() == json.dumps(BRIDGE)  # target untouched
+
+    remove_cni_config(settings, written)
+    assert link.is_symlink() and os.readlink(link) == "../elsewhere.json"
+    assert sorted(p.name for p in conf_dir.iterdir()) == ["10-bridge.conf"]
+
+
+def test_an_old_stale_entry_is_removed_not_restored(tmp_path: Path) -> None:
+    stale = {"type": PLUGIN, "name": PLUGIN}
+    (tmp_path / "10-list.conflist").write_text(json.dumps({**LIST, "plugins": [stale]}))
+    settings = in_process(tmp_path)
+    written = create_cni_config_file(settings, lambda seconds: False)
+    remove_cni_config(settings, written)
+    assert types_of(written) == []  # putting the original back would bring the stale entry back
+
+
+def test_readyz_and_the_log_name_a_malformed_config(
+    host: Host, start: Callable[..., Daemon]
+) -> None:
+    (host.conf_dir / "10-broken.conflist").write_text('{"name": "x", "plugins": [')
+    (host.conf_dir / "20-untyped.conf").write_text('{"name": "x"}')
+    daemon = start()
+    expected = (
+        f"not ready: no valid CNI config in {host.conf_dir}: 10-broken.conflist: "
+        "error loading 10-broken.conflist (JSON error): Expecting value: line 1 column 27 "
+        "(char 26); 20-untyped.conf: no plugin type\n"
+    )
+    eventually(lambda: daemon.readyz_reply() == (503, expected), "/readyz says why", daemon)
+    eventually(lambda: expected[len("not ready: ") : -1] in daemon.logs(), "logged", daemon)
+
+
+def test_a_named_malformed_config_is_waited_for_not_fatal(
+    host: Host, start: Callable[..., Daemon]
+) -> None:
+    config = host.conf_dir / "10-list.conflist"
+    config.write_text('{"plugins": {"not": "a list"}}')
+    daemon = start(CNI_CONF_NAME="10-list.conflist")
+    reason = f"{config}: error reading plugin list from CNI config"
+    eventually(lambda: daemon.readyz_reply() == (503, f"not ready: {reason}\n"), "reason", daemon)
+    eventually(lambda: reason in daemon.logs(), "logged", daemon)
+    write_json(config, LIST)
+    eventually(lambda: daemon.readyz() == 200, "merged once the file is fixed", daemon)
+    assert types_of(config) == ["bridge", "tuning", PLUGIN]
+
+
+def test_readyz_and_the_log_name_a_missing_conf_dir(
+    host: Host, start: Callable[..., Daemon]
+) -> None:
+    missing = host.conf_dir.parent / "not-mounted"
+    daemon = start(MOUNTED_CNI_NET_DIR=str(missing))
+    reason = f"CNI conf dir {missing} does not exist (is the host's dir mounted?)"
+    eventually(lambda: daemon.readyz_reply() == (503, f"not ready: {reason}\n"), "reason", daemon)
+    eventually(lambda: reason in daemon.logs(), "logged", daemon)
+
+
+def test_converting_keeps_a_list_of_theirs_under_the_new_name(tmp_path: Path) -> None:
+    (tmp_path / "10-net.conf").write_text(json.dumps(BRIDGE))
+    theirs = json.dumps({**LIST, "name": "theirs"})
+    (tmp_path / "10-net.conflist").write_text(theirs)  # sorts after the .conf: not primary
+    create_cni_config_file(in_process(tmp_path), lambda seconds: False)
+    assert (tmp_path / f"10-net.conflist.{PLUGIN}-orig").read_text() == theirs
+    assert (tmp_path / f"10-net.conf.{PLUGIN}-orig").read_text() == json.dumps(BRIDGE)
+    assert types_of(tmp_path / "10-net.conflist") == ["bridge", PLUGIN]
