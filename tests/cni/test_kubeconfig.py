@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from meshnet.cni import kubeconfig as kubeconfig_writer
 from tests.cni.fakes import (
     TOKEN,
     FakeApi,
@@ -70,7 +72,9 @@ def b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
 
-def add(run_dir: Path, config: dict[str, Any] | str, as_json: bool = False, netns: str = NO_NETNS):  # type: ignore[no-untyped-def]
+def add(
+    run_dir: Path, config: dict[str, Any] | str, as_json: bool = False, netns: str = NO_NETNS
+) -> subprocess.CompletedProcess[str]:
     """ADD with this kubeconfig (a dict: YAML unless as_json; a str: written as is)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(config, dict):
@@ -125,6 +129,16 @@ def test_yaml_as_kubectl_writes_it_with_comments_and_other_contexts(tmp_path: Pa
             f"users:\n- name: me\n  user:\n    token: >-\n      {TOKEN}\n"
         )
         succeeds(add(tmp_path / "run", text), api)
+
+
+@pytest.mark.parametrize("ca", [True, False], ids=["ca", "insecure"])
+def test_the_kubeconfig_the_installer_writes(
+    tmp_path: Path, pki: Pki, https: FakeApi, ca: bool
+) -> None:
+    text = kubeconfig_writer.render(
+        https.url, TOKEN, pki.ca.read_bytes() if ca else None, "meshnet-cni"
+    )
+    succeeds(add(tmp_path / "run", text), https)
 
 
 @pytest.mark.parametrize("ca", ["file", "data"])
