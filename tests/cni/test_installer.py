@@ -573,3 +573,16 @@ def test_converting_keeps_a_list_of_theirs_under_the_new_name(tmp_path: Path) ->
     assert (tmp_path / f"10-net.conflist.{PLUGIN}-orig").read_text() == theirs
     assert (tmp_path / f"10-net.conf.{PLUGIN}-orig").read_text() == json.dumps(BRIDGE)
     assert types_of(tmp_path / "10-net.conflist") == ["bridge", PLUGIN]
+
+
+def test_the_original_survives_a_killed_installer(host: Host, start: Callable[..., Daemon]) -> None:
+    conf = host.conf_dir / "10-mynet.conf"
+    conf.write_text(EXACT_CONF)
+    first = start()
+    eventually(lambda: first.readyz() == 200, "/readyz answers 200", first)
+    first.kill()  # SIGKILL: no cleanup; the next pod on the node finds our list in place
+    second = start()
+    eventually(lambda: second.readyz() == 200, "/readyz answers 200 again", second)
+    assert second.terminate() == 0, second.logs()
+    assert sorted(p.name for p in host.conf_dir.iterdir()) == ["10-mynet.conf"]
+    assert conf.read_text() == EXACT_CONF
