@@ -13,8 +13,10 @@ Design choices:
   re-creates its fsnotify watcher on every loop for that reason), need ctypes here, and are
   easy to get wrong on bind-mounted host paths; a 0.5 s poll costs well under 1% of a core and
   reacts faster than any runtime reloads its config.
-- **Stdlib only** (no Kubernetes client, no watchdog): the daemon never talks to the API
-  server (it only writes a kubeconfig for the plugin), and a poll loop needs no library.
+- **No Kubernetes client, no watchdog**: the daemon never talks to the API server (it only
+  writes a kubeconfig for the plugin, with PyYAML), and a poll loop needs no library.
+- **The user's config is never lost**: a file it changes is kept beside it under a name no
+  runtime loads, and put back on SIGTERM when only our entry changed since.
 - Readiness is computed per request from the files themselves, so a config that someone
   rewrote answers 503 at once, not only after the next poll.
 
