@@ -87,7 +87,7 @@ def _get_once(config: Kubeconfig, namespace: str, name: str) -> dict[str, Any]:
     if config.token:
         request.add_header("Authorization", f"Bearer {config.token}")
     try:
-        with urllib.request.urlopen(request, timeout=5, context=_tls(config)) as response:
+        with urllib.request.urlopen(request, timeout=5, context=tls_context(config)) as response:
             pod: dict[str, Any] = json.load(response)
             return pod
     except urllib.error.HTTPError as err:
@@ -100,7 +100,8 @@ def _get_once(config: Kubeconfig, namespace: str, name: str) -> dict[str, Any]:
         raise _Transient(str(getattr(err, "reason", err))) from None
 
 
-def _tls(config: Kubeconfig) -> ssl.SSLContext | None:
+def tls_context(config: Kubeconfig) -> ssl.SSLContext | None:
+    """The TLS policy of the kubeconfig (None for plain http); shared with the pod watch."""
     if not config.server.startswith("https:"):
         return None
     if config.insecure:
