@@ -52,7 +52,9 @@ DEFAULT_SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 THROTTLE_RATE = 0.2  # Istio: installs per second before the loop counts as "rapid" (burst 1)
 THROTTLE_MAX_SLEEP = 1.0
 THROTTLE_WARN_HITS = 5
-AGENT_SOCKET_NAME = "agent.sock"  # the node agent's socket in CNI_AGENT_RUN_DIR
+# The node agent's socket in CNI_AGENT_RUN_DIR (`meshnet cni agent` serves it; the plugin's
+# forwarder connects to it).
+AGENT_SOCKET_NAME = "meshnet-cni.sock"
 
 # A wait step: sleep up to the given seconds; False means "give up" (stop requested, deadline).
 Wait = Callable[[float], bool]

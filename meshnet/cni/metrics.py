@@ -11,6 +11,8 @@ call them; they are cheap and thread-safe.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -18,11 +20,13 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 
 # Istio's exporter has no `*_created` series; without them the output is Istio's names only.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 REGISTRY = CollectorRegistry(auto_describe=True)
+# The classic text format, as Go's promhttp serves Istio's (every Prometheus reads it).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Istio's install results (cni/pkg/install/monitoring.go).
 INSTALL_SUCCESS = "SUCCESS"
@@ -107,6 +111,23 @@ def observe_cni_request(command: str, result: str, seconds: float) -> None:
     _cni_requests.labels(command=command, result=result).observe(seconds)
 
 
+class FinishedCall(Protocol):
+    """What the node agent knows of a served call (its request hooks get one)."""
+
+    command: str
+    exit_code: int
+    seconds: float
+    queue_depth: int
+    timed_out: bool
+
+
+def record_call(call: FinishedCall) -> None:
+    """A node-agent request hook: the call's duration by command and result, and the queue."""
+    result = "timeout" if call.timed_out else ("ok" if call.exit_code == 0 else "error")
+    observe_cni_request(call.command, result, call.seconds)
+    set_queue_depth(call.queue_depth)
+
+
 def fallback_used() -> None:
     _fallbacks.inc()
 
@@ -117,4 +138,4 @@ def set_queue_depth(depth: int) -> None:
 
 def exposition() -> tuple[bytes, str]:
     """The `/metrics` body and its content type (Prometheus text format 0.0.4)."""
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE

@@ -8,11 +8,13 @@ import socket
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from meshnet.cni import metrics
 from meshnet.cni.install import AGENT_SOCKET_NAME
 from tests.cni.fakes import TOKEN, WatchApi, broken_pod
 from tests.cni.test_installer import (  # the daemon harness and its fixtures
@@ -52,7 +54,7 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 @pytest.fixture
 def agent_socket(host: Host) -> Iterator[Callable[[bool], None]]:
-    """Switch a listening Unix socket at <run dir>/agent.sock on (True) or off (False)."""
+    """Switch a listening Unix socket at <run dir>/<AGENT_SOCKET_NAME> on (True) or off (False)."""
     path = host.run_dir / AGENT_SOCKET_NAME
     state: dict[str, socket.socket] = {}
 
@@ -148,3 +150,43 @@ def test_the_daemon_runs_the_repair_controller_on_this_nodes_pods(
         eventually(lambda: scrape(port).get(key) == 1, "the label is counted", daemon)
         assert daemon.terminate() == 0, daemon.logs()
     assert not Path(host.kubeconfig).exists()  # cleanup still ran
+
+
+@dataclass(frozen=True)
+class _Call:
+    command: str
+    exit_code: int
+    seconds: float
+    queue_depth: int
+    timed_out: bool
+
+
+def test_agent_request_metrics_histogram_fallbacks_and_queue_depth() -> None:
+    def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        body, content_type = metrics.exposition()
+        assert content_type.startswith("text/plain; version=0.0.4")
+        parsed = {}
+        for family in text_string_to_metric_families(body.decode()):
+            for item in family.samples:
+                parsed[(item.name, tuple(sorted(item.labels.items())))] = float(item.value)
+        return parsed
+
+    name = "meshnet_cni_request_duration_seconds"
+    ok = (("command", "ADD"), ("result", "ok"))
+    before = samples()
+    metrics.record_call(_Call("ADD", 0, 0.03, 4, False))
+    metrics.record_call(_Call("ADD", 0, 0.2, 2, False))
+    metrics.record_call(_Call("DEL", 0, 31.0, 0, True))
+    metrics.fallback_used()
+    after = samples()
+
+    def delta(key: tuple[str, tuple[tuple[str, str], ...]]) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta((f"{name}_count", ok)) == 2
+    assert delta((f"{name}_bucket", (ok[0], ("le", "0.05"), ok[1]))) == 1
+    assert delta((f"{name}_bucket", (ok[0], ("le", "0.25"), ok[1]))) == 2
+    assert delta((f"{name}_sum", ok)) == pytest.approx(0.23)
+    assert delta((f"{name}_count", (("command", "DEL"), ("result", "timeout")))) == 1
+    assert delta(("meshnet_cni_fallback_total", ())) == 1
+    assert after[("meshnet_cni_agent_queue_depth", ())] == 0  # the last call's view
