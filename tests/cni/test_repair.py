@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -269,3 +270,16 @@ def test_unknown_metric_labels_are_refused() -> None:
     with pytest.raises(ValueError, match="type='fix'"):
         metrics.pod_repair("fix", "success")
     assert repair.MAX_ATTEMPTS == 5
+
+
+def test_the_per_pod_plugin_never_imports_the_resident_modules() -> None:
+    code = (
+        "import sys, meshnet.cni.plugin, meshnet.cni.commands\n"
+        "bad = [m for m in ('prometheus_client', 'meshnet.cni.metrics', 'meshnet.cni.repair',"
+        " 'meshnet.cni.kubeapi', 'meshnet.cni.install') if m in sys.modules]\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == ""
