@@ -4,6 +4,7 @@ socket among them), and the repair controller driven by the daemon against the A
 
 from __future__ import annotations
 
+import re
 import socket
 import urllib.error
 import urllib.request
@@ -15,7 +16,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshnet.cni import metrics
-from meshnet.cni.install import AGENT_SOCKET_NAME
+from meshnet.cni.install import AGENT_SOCKET_NAME, Settings
+from meshnet.errors import OptionError
 from tests.cni.fakes import TOKEN, WatchApi, broken_pod
 from tests.cni.test_installer import (  # the daemon harness and its fixtures
     BRIDGE,
@@ -190,3 +192,32 @@ def test_agent_request_metrics_histogram_fallbacks_and_queue_depth() -> None:
     assert delta((f"{name}_count", (("command", "DEL"), ("result", "timeout")))) == 1
     assert delta(("meshnet_cni_fallback_total", ())) == 1
     assert after[("meshnet_cni_agent_queue_depth", ())] == 0  # the last call's view
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("REPAIR_DELETE_PODS", "maybe", "REPAIR_DELETE_PODS='maybe': not a boolean"),
+        ("REPAIR_INIT_CONTAINER_EXIT_CODE", "300", "not a number from 0 to 255"),
+        ("MESHNET_REPAIR_RESYNC_PERIOD", "0", "not a number of seconds from 0.01 to 86400"),
+        ("MESHNET_CNI_AGENT_SOCKET_CHECK", "yes", "MESHNET_CNI_AGENT_SOCKET_CHECK='yes'"),
+    ],
+)
+def test_bad_node_agent_options_are_named(name: str, value: str, message: str) -> None:
+    with pytest.raises(OptionError, match=re.escape(message)):
+        Settings.from_env({name: value})
+
+
+def test_node_agent_options_are_read_with_istios_defaults() -> None:
+    settings = Settings.from_env({"KUBERNETES_NODE_NAME": "n1", "REPAIR_LABEL_PODS": "true"})
+    assert settings.monitoring_port == 15014 and not settings.agent_socket_check
+    repair = settings.repair
+    assert (repair.node_name, repair.action, repair.label_key) == (
+        "n1",
+        "repair",
+        "cni.istio.io/uninitialized",
+    )
+    assert (
+        Settings.from_env({"REPAIR_NODE_NAME": "n2", "KUBERNETES_NODE_NAME": "n1"}).repair.node_name
+        == "n2"
+    )

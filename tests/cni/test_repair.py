@@ -196,6 +196,24 @@ def test_repair_mode_programs_the_running_pod_namespace_once(
 
 
 @pytest.mark.netns
+def test_repair_mode_with_native_nftables_writes_the_nft_tables(
+    api: WatchApi, running_pod: tuple[str, str, int]
+) -> None:
+    name, ip, pid = running_pod
+    _wait_for_netns_of(pid, name)
+    before = repaired("repair", "success")
+    api.put(broken_pod("web-n", "uid-nft", NODE, pod_ip=ip))
+    controller = start(api, host_proc=Path("/proc"), native_nftables=True)
+    try:
+        api.wait_for(lambda: repaired("repair", "success") == before + 1)
+        tables = in_netns(name, ["nft", "list", "tables"]).stdout
+        assert "table inet istio-proxy-nat" in tables, tables
+        assert "ISTIO_OUTPUT" not in in_netns(name, ["iptables-save"]).stdout
+    finally:
+        controller.stop()
+
+
+@pytest.mark.netns
 def test_repair_mode_counts_a_pod_whose_namespace_is_not_on_this_host(api: WatchApi) -> None:
     require_root_netns()
     before = repaired("repair", "fail")
