@@ -246,6 +246,7 @@ class Controller:
             if kind == "DELETED":
                 self._pods.pop(key, None)
                 self._repaired.pop(key, None)  # as Istio: never leak
+                self._attempts.pop(str((pod.get("metadata") or {}).get("uid", "")), None)
                 continue
             self._pods[key] = pod
             self.reconcile(pod)
@@ -269,9 +270,10 @@ class Controller:
         log = self._log.bind(pod=f"{meta.get('namespace')}/{meta.get('name')}", uid=uid)
         try:
             result = getattr(self, f"_{action}")(pod, log)
-        except MeshnetError as err:
+        except Exception as err:  # one pod's failure must not end the watch for all others
             self._attempts[uid] = self._attempts.get(uid, 0) + 1
-            log.error(f"{action} of a broken pod failed", error=str(err))
+            detail = str(err) if isinstance(err, MeshnetError) else repr(err)
+            log.error(f"{action} of a broken pod failed", error=detail, attempt=self._attempts[uid])
             metrics.pod_repair(action, "fail")
             return
         if result is not None:
