@@ -312,3 +312,29 @@ def test_the_per_pod_plugin_never_imports_the_resident_modules() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == ""
+
+
+def test_the_watch_speaks_tls_with_the_kubeconfig_ca(api: WatchApi, tmp_path: Path) -> None:
+    """As in a cluster: https, verified against the CA the installer put in the kubeconfig."""
+    import ssl
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    api.server.socket = context.wrap_socket(api.server.socket, server_side=True)
+    api.put(broken_pod("tls", "uid-tls", NODE))
+    port = api.server.server_address[1]
+    trusted = kube.Kubeconfig(f"https://127.0.0.1:{port}", TOKEN, cert.read_bytes(), False)
+    assert len(kubeapi.PodApi(lambda: trusted).list_pods(kubeapi.Selectors()).items) == 1
+    stranger = kube.Kubeconfig(f"https://127.0.0.1:{port}", TOKEN, None, False)
+    with pytest.raises(kubeapi.ApiError, match="CERTIFICATE_VERIFY_FAILED"):
+        kubeapi.PodApi(lambda: stranger).list_pods(kubeapi.Selectors())
