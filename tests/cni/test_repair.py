@@ -301,9 +301,10 @@ def test_unknown_metric_labels_are_refused() -> None:
         metrics.pod_repair("fix", "success")
 
 
-def test_the_per_pod_plugin_never_imports_the_resident_modules() -> None:
+def test_the_plugin_and_the_cli_never_import_the_resident_modules() -> None:
+    """The per-pod plugin and `meshnet istio-iptables` stay light: no metrics, no watch."""
     code = (
-        "import sys, meshnet.cni.plugin, meshnet.cni.commands\n"
+        "import sys, meshnet.cni.plugin, meshnet.cni.commands, meshnet.cli\n"
         "bad = [m for m in ('prometheus_client', 'meshnet.cni.metrics', 'meshnet.cni.repair',"
         " 'meshnet.cni.kubeapi', 'meshnet.cni.install') if m in sys.modules]\n"
         "print(','.join(bad))\n"
