@@ -19,6 +19,7 @@ import ipaddress
 import os
 import random
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from meshnet.errors import MeshnetError
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 MAX_ATTEMPTS = 5  # per pod UID, as Istio's queue (controllers.WithMaxAttempts(5))
+MIN_WATCH_SECONDS = 1.0  # a watch that ends sooner is followed by a back-off, not a new one
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,8 +198,14 @@ class Controller:
             try:
                 if version is None:
                     version = self._relist()
+                started = time.monotonic()
                 version = self._watch(version)
-                delay = BACKOFF_FIRST
+                if time.monotonic() - started >= MIN_WATCH_SECONDS:
+                    delay = BACKOFF_FIRST
+                elif self._stop.wait(delay):  # a server that ends every watch at once
+                    break
+                else:
+                    delay = min(delay * 2, BACKOFF_MAX)
             except kubeapi.Gone as err:
                 metrics.watch_error("gone")
                 self._log.info("resourceVersion expired; listing again", error=str(err))
@@ -226,6 +234,8 @@ class Controller:
         listed = self._api.list_pods(self.settings.selectors())
         self._pods = {_key(pod): pod for pod in listed.items}
         self._repaired = {k: v for k, v in self._repaired.items() if k in self._pods}
+        uids = {str((pod.get("metadata") or {}).get("uid", "")) for pod in listed.items}
+        self._attempts = {uid: n for uid, n in self._attempts.items() if uid in uids}
         self._log.info(
             "listed pods", count=len(listed.items), resource_version=listed.resource_version
         )
