@@ -99,6 +99,16 @@ def gc(call: Call) -> None:
     """Nothing to collect: a pod's rules live and die with its namespace."""
 
 
+def program_pod(netns_path: str, pod: dict[str, Any], native_nftables: bool) -> str | None:
+    """ADD's programming for a pod that is already running (the repair controller's entry):
+    the same skip rules, annotations and engine. Returns the skip reason, None when programmed."""
+    decision = decide(pod)
+    if decision.skip_reason is None:
+        call = Call("ADD", {"CNI_NETNS": netns_path}, {"native_nftables": native_nftables})
+        _program(call, decision)
+    return decision.skip_reason
+
+
 def _refuse_own_namespace(call: Call) -> None:
     """As skel: never program the namespace the plugin itself runs in (the node's)."""
     try:

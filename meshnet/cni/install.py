@@ -39,14 +39,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 from meshnet import logs
-from meshnet.cni import conflist, kubeconfig
+from meshnet.cni import conflist, kube, kubeapi, kubeconfig, metrics, repair
 from meshnet.errors import MeshnetError, OptionError
 
 DEFAULT_PLUGIN_NAME = "meshnet-cni"
@@ -54,6 +54,9 @@ DEFAULT_SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 THROTTLE_RATE = 0.2  # Istio: installs per second before the loop counts as "rapid" (burst 1)
 THROTTLE_MAX_SLEEP = 1.0
 THROTTLE_WARN_HITS = 5
+# The node agent's socket in CNI_AGENT_RUN_DIR (`meshnet cni agent` serves it; the plugin's
+# forwarder connects to it).
+AGENT_SOCKET_NAME = "meshnet-cni.sock"
 
 # A wait step: sleep up to the given seconds; False means "give up" (stop requested, deadline).
 Wait = Callable[[float], bool]
@@ -81,6 +84,27 @@ ENV_OPTIONS: tuple[EnvOption, ...] = (
     EnvOption("MESHNET_CNI_SERVICE_ACCOUNT_DIR", DEFAULT_SERVICE_ACCOUNT_DIR, "token and ca.crt"),
     EnvOption("MESHNET_CNI_READINESS_PORT", "8000", "port of /readyz (0: no server)"),
     EnvOption("MESHNET_CNI_POLL_INTERVAL", "0.5", "seconds between checks of the watched files"),
+    EnvOption("MONITORING_PORT", "15014", "port of the Prometheus /metrics (0: no server)"),
+    EnvOption(
+        "MESHNET_CNI_AGENT_SOCKET_CHECK",
+        "false",
+        f"/readyz also needs <CNI_AGENT_RUN_DIR>/{AGENT_SOCKET_NAME} to accept a connection",
+    ),
+    EnvOption("REPAIR_ENABLED", "true", "run the repair controller"),
+    EnvOption("REPAIR_REPAIR_PODS", "true", "repair broken pods in place (needs the host /proc)"),
+    EnvOption("REPAIR_DELETE_PODS", "false", "delete broken pods (when not repairing)"),
+    EnvOption("REPAIR_LABEL_PODS", "false", "label broken pods (when not repairing or deleting)"),
+    EnvOption("REPAIR_BROKEN_POD_LABEL_KEY", "cni.istio.io/uninitialized", "label key"),
+    EnvOption("REPAIR_BROKEN_POD_LABEL_VALUE", "true", "label value"),
+    EnvOption("REPAIR_NODE_NAME", "<KUBERNETES_NODE_NAME>", "node whose pods are watched"),
+    EnvOption("REPAIR_SIDECAR_ANNOTATION", "sidecar.istio.io/status", "only pods with it"),
+    EnvOption("REPAIR_INIT_CONTAINER_NAME", "istio-validation", "the crash-looping container"),
+    EnvOption("REPAIR_INIT_CONTAINER_TERMINATION_MESSAGE", "", "its message, if matched"),
+    EnvOption("REPAIR_INIT_CONTAINER_EXIT_CODE", "126", "its exit code (0: any)"),
+    EnvOption("REPAIR_LABEL_SELECTORS", "", "extra label selector for the pod watch"),
+    EnvOption("REPAIR_FIELD_SELECTORS", "", "extra field selector for the pod watch"),
+    EnvOption("MESHNET_REPAIR_HOST_PROC", "/host/proc", "the host's /proc, mounted"),
+    EnvOption("MESHNET_REPAIR_RESYNC_PERIOD", "300", "seconds between looks at every pod"),
     EnvOption("MESHNET_LOG_FORMAT", "text", "installer logs on stderr: text or json"),
     EnvOption("MESHNET_LOG_LEVEL", "info", "installer log level"),
     EnvOption("CNI_CONF_NAME", "", "config file to insert into (default: the primary one)"),
@@ -115,6 +139,9 @@ class Settings:
     service_account_dir: Path = Path(DEFAULT_SERVICE_ACCOUNT_DIR)
     readiness_port: int = 8000
     poll_interval: float = 0.5
+    monitoring_port: int = 15014
+    agent_socket_check: bool = False
+    repair: repair.RepairSettings = field(default_factory=repair.RepairSettings)
     log_format: str = "text"
     log_level: str = "info"
     cni_conf_name: str = ""
@@ -148,6 +175,9 @@ class Settings:
             ),
             readiness_port=env.integer("MESHNET_CNI_READINESS_PORT", 8000, 0, 65535),
             poll_interval=env.seconds("MESHNET_CNI_POLL_INTERVAL", 0.5),
+            monitoring_port=env.integer("MONITORING_PORT", 15014, 0, 65535),
+            agent_socket_check=env.boolean("MESHNET_CNI_AGENT_SOCKET_CHECK", False),
+            repair=_repair_settings(env),
             log_format=env.choice("MESHNET_LOG_FORMAT", "text", ("text", "json")),
             log_level=env.text("MESHNET_LOG_LEVEL", "info"),
             cni_conf_name=env.filename("CNI_CONF_NAME", ""),
@@ -196,6 +226,27 @@ class Settings:
         return 0o640 if self.conf_group_read else 0o600
 
 
+def _repair_settings(env: _Env) -> repair.RepairSettings:
+    return repair.RepairSettings(
+        enabled=env.boolean("REPAIR_ENABLED", True),
+        repair_pods=env.boolean("REPAIR_REPAIR_PODS", True),
+        delete_pods=env.boolean("REPAIR_DELETE_PODS", False),
+        label_pods=env.boolean("REPAIR_LABEL_PODS", False),
+        label_key=env.text("REPAIR_BROKEN_POD_LABEL_KEY", "cni.istio.io/uninitialized"),
+        label_value=env.text("REPAIR_BROKEN_POD_LABEL_VALUE", "true"),
+        node_name=env.text("REPAIR_NODE_NAME", env.text("KUBERNETES_NODE_NAME", "")),
+        sidecar_annotation=env.text("REPAIR_SIDECAR_ANNOTATION", "sidecar.istio.io/status"),
+        init_container_name=env.text("REPAIR_INIT_CONTAINER_NAME", "istio-validation"),
+        init_termination_message=env.text("REPAIR_INIT_CONTAINER_TERMINATION_MESSAGE", ""),
+        init_exit_code=env.integer("REPAIR_INIT_CONTAINER_EXIT_CODE", 126, 0, 255),
+        label_selectors=env.text("REPAIR_LABEL_SELECTORS", ""),
+        field_selectors=env.text("REPAIR_FIELD_SELECTORS", ""),
+        native_nftables=env.boolean("NATIVE_NFTABLES", False),
+        host_proc=Path(env.text("MESHNET_REPAIR_HOST_PROC", "/host/proc")),
+        resync_seconds=env.seconds("MESHNET_REPAIR_RESYNC_PERIOD", 300, high=86400),
+    )
+
+
 class _Env:
     """Typed reads of environment variables; every error names the variable and the value."""
 
@@ -225,14 +276,14 @@ class _Env:
             raise OptionError(f"{name}={value!r}: not a number from {low} to {high}")
         return int(value)
 
-    def seconds(self, name: str, default: float) -> float:
+    def seconds(self, name: str, default: float, high: float = 60) -> float:
         value = self._environ.get(name, "")
         try:
             seconds = float(value) if value else default
         except ValueError:
             seconds = -1
-        if not 0.01 <= seconds <= 60:
-            raise OptionError(f"{name}={value!r}: not a number of seconds from 0.01 to 60")
+        if not 0.01 <= seconds <= high:
+            raise OptionError(f"{name}={value!r}: not a number of seconds from 0.01 to {high:g}")
         return seconds
 
     def mode(self, name: str, default: int) -> int:
@@ -672,30 +723,50 @@ class Installer:
             return
 
     def install_all(self) -> None:
-        """Binaries, kubeconfig, then the CNI config only when it is not valid already."""
-        for bin_dir in self.settings.bin_dirs:
-            target = install_binary(self.settings.plugin_binary, bin_dir, self.settings.plugin_name)
-            if target not in self._binaries:
-                self._binaries.append(target)
-        self._kubeconfig = write_kubeconfig(self.settings)
+        """Binaries, kubeconfig, then the CNI config only when it is not valid already.
+        A failure is counted with Istio's result for its step (istio_cni_installs_total)."""
+        with _counted(metrics.INSTALL_COPY_BINARIES_FAILURE):
+            for bin_dir in self.settings.bin_dirs:
+                plugin, name = self.settings.plugin_binary, self.settings.plugin_name
+                target = install_binary(plugin, bin_dir, name)
+                if target not in self._binaries:
+                    self._binaries.append(target)
+        with _counted(metrics.INSTALL_CREATE_KUBECONFIG_FAILURE):
+            self._kubeconfig = write_kubeconfig(self.settings)
         problem = config_problem(self.settings, self.config_path)
         if problem is None:
             self._warn_if_preempted()
             self._log.info("valid CNI config present; not modifying", path=str(self.config_path))
             return
         self._log.info("CNI config needs (re)writing", reason=problem)
-        self.config_path = create_cni_config_file(self.settings, self._wait)
+        with _counted(metrics.INSTALL_CREATE_CNI_CONFIG_FAILURE):
+            self.config_path = create_cni_config_file(self.settings, self._wait)
         self._log.info("wrote CNI config", path=str(self.config_path))
 
     def is_ready(self) -> bool:
-        return self.not_ready_reason() is None
+        """Readiness: installed, watching, and the config on disk still valid right now."""
+        return not self.readiness_problems()
 
-    def not_ready_reason(self) -> str | None:
-        """None when ready: installed, watching, and the config on disk still valid right now."""
-        problem = config_problem(self.settings, self.config_path)
-        if problem is None and not self._ready.is_set():
-            return "installing"
-        return problem
+    def readiness_problems(self) -> list[str]:
+        """What keeps the node from being ready, checked on the files now; empty: ready."""
+        settings = self.settings
+        problems = [
+            f"plugin binary missing: {bin_dir / settings.plugin_name}"
+            for bin_dir in settings.bin_dirs
+            if not os.path.exists(bin_dir / settings.plugin_name)  # follows the onedir link
+        ]
+        if not settings.kubeconfig_path.is_file():
+            problems.append(f"kubeconfig missing: {settings.kubeconfig_path}")
+        config = config_problem(settings, self.config_path)
+        if config is not None:
+            problems.append(config)
+        if settings.agent_socket_check:
+            agent = agent_socket_problem(settings.run_dir / AGENT_SOCKET_NAME)
+            if agent is not None:
+                problems.append(agent)
+        if not problems and not self._ready.is_set():
+            problems.append("installation in progress")
+        return problems
 
     def cleanup(self) -> None:
         """Remove our plugin entry (or file), the kubeconfig and the binaries we installed."""
@@ -758,12 +829,15 @@ class Installer:
             if config_problem(self.settings, self.config_path) is not None:
                 return True
             self._ready.set()
+            metrics.set_install_ready(True)
+            metrics.install_result(metrics.INSTALL_SUCCESS)  # as Istio: once per valid install
             while not self._stop.wait(self.settings.poll_interval):
                 if self._snapshot() != before:
                     return True
             return False
         finally:
             self._ready.clear()
+            metrics.set_install_ready(False)
 
     def _snapshot(self) -> tuple[object, ...]:
         """What Istio's fsnotify watcher watches: conf dir, our binaries, the service account."""
@@ -776,6 +850,15 @@ class Installer:
             _dir_key(settings.service_account_dir),
             token,
         )
+
+
+@contextlib.contextmanager
+def _counted(failure: str) -> Iterator[None]:
+    try:
+        yield
+    except MeshnetError:
+        metrics.install_result(failure)
+        raise
 
 
 def _stat_key(path: Path | os.DirEntry[str]) -> tuple[int, int, int, int] | None:
@@ -801,23 +884,55 @@ def _read_or_none(path: Path) -> bytes | None:
         return None
 
 
-# --- readiness ------------------------------------------------------------------------------------
+# --- readiness and metrics ---------------------------------------------------------------------
+
+# A route answers (status, body, content type).
+Route = Callable[[], tuple[int, bytes, str]]
+_TEXT = "text/plain; charset=utf-8"
 
 
-class _ReadinessServer(socketserver.ThreadingTCPServer):
-    """`/readyz` for the kubelet. A bare TCPServer: HTTPServer's bind does a reverse DNS lookup."""
+def agent_socket_problem(path: Path) -> str | None:
+    """None when the node agent's Unix socket accepts a connection, else why not."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError as err:
+            return f"node agent socket {path} does not answer: {err.strerror or err}"
+    return None
+
+
+def readyz_route(problems: Callable[[], list[str]]) -> Route:
+    """`/readyz`: 200 `ok`, or 503 with one line per missing piece."""
+
+    def answer() -> tuple[int, bytes, str]:
+        missing = problems()
+        if not missing:
+            return 200, b"ok\n", _TEXT
+        return 503, "".join(f"not ready: {line}\n" for line in missing).encode(), _TEXT
+
+    return answer
+
+
+def metrics_route() -> tuple[int, bytes, str]:
+    body, content_type = metrics.exposition()
+    return 200, body, content_type
+
+
+class _HttpServer(socketserver.ThreadingTCPServer):
+    """A few GET routes. A bare TCPServer: HTTPServer's bind does a reverse DNS lookup."""
 
     allow_reuse_address = True
     daemon_threads = True
 
     def __init__(
-        self, port: int, probe: Callable[[], str | None], family: socket.AddressFamily
+        self, port: int, routes: Mapping[str, Route], family: socket.AddressFamily
     ) -> None:
         self.address_family = family
-        self.probe = probe
+        self.routes = routes
         # All addresses: the kubelet probes the pod IP.
         host = "::" if family == socket.AF_INET6 else "0.0.0.0"
-        super().__init__((host, port), _ReadyzHandler)
+        super().__init__((host, port), _RouteHandler)
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:  # one socket for IPv4 and IPv6, as Go's ":8000"
@@ -825,48 +940,71 @@ class _ReadinessServer(socketserver.ThreadingTCPServer):
         super().server_bind()
 
 
-class _ReadyzHandler(BaseHTTPRequestHandler):
-    server: _ReadinessServer
+class _RouteHandler(BaseHTTPRequestHandler):
+    server: _HttpServer
 
     def do_GET(self) -> None:
-        if self.path.split("?", 1)[0] != "/readyz":
-            self._reply(404, b"not found\n")
-            return
-        problem = self.server.probe()  # None: ready
-        if problem is None:
-            self._reply(200, b"ok\n")
+        route = self.server.routes.get(self.path.split("?", 1)[0])
+        if route is None:
+            self._reply(404, b"not found\n", _TEXT)
         else:
-            self._reply(503, f"not ready: {problem}\n".encode())
+            self._reply(*route())
 
-    def _reply(self, status: int, body: bytes) -> None:
+    def _reply(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:
-        pass  # the kubelet probes every few seconds; a line per probe is noise
+        pass  # the kubelet and Prometheus ask every few seconds; a line per request is noise
 
 
-def serve_readiness(port: int, probe: Callable[[], str | None]) -> _ReadinessServer:
-    """Start `/readyz` on all addresses in a daemon thread."""
+def serve(port: int, routes: Mapping[str, Route], option: str) -> _HttpServer:
+    """Serve `routes` on all addresses in a daemon thread; `option` names the port's variable."""
     try:
-        server = _ReadinessServer(port, probe, socket.AF_INET6)
+        server = _HttpServer(port, routes, socket.AF_INET6)
     except OSError:
         try:  # no IPv6 in this kernel or namespace
-            server = _ReadinessServer(port, probe, socket.AF_INET)
+            server = _HttpServer(port, routes, socket.AF_INET)
         except OSError as err:
             raise InstallError(
-                f"cannot serve /readyz on port {port}: {err.strerror} "
-                "(set MESHNET_CNI_READINESS_PORT)"
+                f"cannot serve {', '.join(routes)} on port {port}: {err.strerror} (set {option})"
             ) from None
     # A short poll so that shutdown() at exit returns at once (the default waits up to 0.5 s).
-    serve = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="readyz", daemon=True
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=option, daemon=True
     )
-    serve.start()
+    thread.start()
     return server
+
+
+def serve_readiness(port: int, problems: Callable[[], list[str]]) -> _HttpServer:
+    return serve(port, {"/readyz": readyz_route(problems)}, "MESHNET_CNI_READINESS_PORT")
+
+
+def serve_metrics(port: int) -> _HttpServer:
+    return serve(port, {"/metrics": metrics_route}, "MONITORING_PORT")
+
+
+def start_repair(settings: Settings) -> repair.Controller | None:
+    """The repair controller in a daemon thread, reading the plugin's kubeconfig; None when
+    disabled, or when no node name is known (watching every node's pods from here is wrong:
+    their namespaces are not on this host)."""
+    options = settings.repair
+    if not options.enabled:
+        logs.get().info("repair controller disabled (REPAIR_ENABLED=false)")
+        return None
+    if not options.node_name:
+        logs.get().warning(
+            "repair controller not started: set REPAIR_NODE_NAME or KUBERNETES_NODE_NAME"
+        )
+        return None
+    path = str(settings.kubeconfig_path)
+    controller = repair.Controller(options, kubeapi.PodApi(lambda: kube.load_kubeconfig(path)))
+    controller.start()
+    return controller
 
 
 # --- entry points ---------------------------------------------------------------------------------
@@ -885,9 +1023,15 @@ def run(settings: Settings) -> int:
     stop = threading.Event()
     installer = Installer(settings, stop)
     logs.get().info("starting", conf_dir=str(settings.conf_dir), chained=settings.chained)
-    server = None
+    servers = []
     if settings.readiness_port:
-        server = serve_readiness(settings.readiness_port, installer.not_ready_reason)
+        servers.append(serve_readiness(settings.readiness_port, installer.readiness_problems))
+    if settings.monitoring_port:
+        try:
+            servers.append(serve_metrics(settings.monitoring_port))
+        except InstallError as err:  # as Istio: metrics are not worth failing the node for
+            logs.get().error(str(err))
+    controller = start_repair(settings)
     failure: list[BaseException] = []
     worker = threading.Thread(target=_capture(installer.run, failure), name="install")
     worker.start()
@@ -895,8 +1039,10 @@ def run(settings: Settings) -> int:
         _wait_for_signal(worker)
     finally:
         stop.set()
+        if controller is not None:
+            controller.stop()  # a repair in progress finishes; the watch ends at once
         worker.join()
-        if server is not None:
+        for server in servers:
             server.shutdown()
             server.server_close()
         _capture(installer.cleanup, failure)()

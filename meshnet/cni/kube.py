@@ -206,7 +206,7 @@ def get_pod(
 ) -> dict[str, Any]:
     """GET the pod, retrying transient failures; fail closed when the budget is spent."""
     last = "no attempt made"
-    context = _tls(config)
+    context = tls_context(config)
     for attempt in range(max(1, attempts)):
         if attempt:
             time.sleep(interval)
@@ -244,7 +244,8 @@ def _get_once(
         raise _Transient(str(getattr(err, "reason", err))) from None
 
 
-def _tls(config: Kubeconfig) -> ssl.SSLContext | None:
+def tls_context(config: Kubeconfig) -> ssl.SSLContext | None:
+    """The TLS policy of the kubeconfig (None for plain http); shared with the pod watch."""
     if not config.server.startswith("https:"):
         return None
     if config.insecure:

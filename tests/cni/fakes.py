@@ -342,3 +342,246 @@ def netns_group(names: list[str], address: str | None = "192.0.2.1/24") -> Itera
         left = delete_netns_batch(names)
         if left:
             raise RuntimeError(f"could not delete namespaces {left}")
+
+
+# --------------------------------------------------------------------------- added for the
+# repair controller (tests/cni/test_repair.py): list + watch with resourceVersions.
+
+
+class WatchApi:
+    """`/api/v1/pods` list and watch (chunked JSON lines), pod DELETE and status PATCH.
+
+    Every change gets the next resourceVersion and is kept as a watch event. `expire()` drops
+    the history, as etcd compaction does: a watch from an older version gets an ERROR event
+    with a 410 Status, and a watch in progress ends with one.
+    """
+
+    def __init__(self) -> None:
+        self.pods: dict[tuple[str, str], dict[str, Any]] = {}
+        self.history: list[tuple[int, str, dict[str, Any]]] = []
+        self.version = 100
+        self.oldest = 0  # events before this version are compacted away
+        self.requests: list[tuple[str, str, Any]] = []  # (method, path, JSON body)
+        self.cond = threading.Condition()
+        self.closing = False
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                query = self._start("GET")
+                if query is None:
+                    return
+                if query.get("watch") == "1":
+                    return api._watch(self, query)
+                with api.cond:
+                    items = [p for p in api.pods.values() if api._selected(p, query)]
+                    body = {"kind": "PodList", "metadata": {"resourceVersion": str(api.version)}}
+                    self._json(200, {**body, "items": json.loads(json.dumps(items))})
+
+            def do_DELETE(self) -> None:
+                if self._start("DELETE") is not None:
+                    api._delete(self)
+
+            def do_PATCH(self) -> None:
+                if self._start("PATCH") is not None:
+                    api._patch(self)
+
+            def _start(self, method: str) -> dict[str, str] | None:
+                import urllib.parse
+
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else None
+                self.body = body
+                with api.cond:
+                    api.requests.append((method, self.path, body))
+                    api.cond.notify_all()
+                if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+                    self._json(401, {"kind": "Status", "code": 401, "message": "Unauthorized"})
+                    return None
+                parsed = urllib.parse.urlsplit(self.path)
+                self.route = parsed.path
+                return dict(urllib.parse.parse_qsl(parsed.query))
+
+            def _json(self, code: int, body: Mapping[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def chunk(self, event: Mapping[str, Any]) -> None:
+                data = json.dumps(event).encode() + b"\n"
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> WatchApi:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
+        self.server.shutdown()
+        self.server.server_close()
+
+    # --- changes, as the API server's clients make them -------------------------------------
+
+    def put(self, pod: dict[str, Any]) -> None:
+        """Create or replace a pod (ADDED or MODIFIED)."""
+        meta = pod["metadata"]
+        key = (meta["namespace"], meta["name"])
+        with self.cond:
+            kind = "MODIFIED" if key in self.pods else "ADDED"
+            self._record(kind, pod)
+            self.pods[key] = pod
+
+    def expire(self) -> None:
+        """Compact the history: every resourceVersion seen so far is now too old."""
+        with self.cond:
+            self.version += 1
+            self.oldest = self.version
+            self.cond.notify_all()
+
+    def count(self, method: str, prefix: str = "/", **query: str) -> int:
+        with self.cond:
+            return sum(
+                1
+                for m, path, _ in self.requests
+                if m == method
+                and path.startswith(prefix)
+                and all(f"{k}={v}" in path for k, v in query.items())
+            )
+
+    def wait_for(self, check: Any, timeout: float = 20) -> None:
+        """Until `check()` holds: woken by each request, and every 50 ms for checks on other
+        state (metrics)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not check():
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"API stub: timed out; requests so far: {self.requests}")
+                self.cond.wait(0.05)
+
+    # --- handlers ---------------------------------------------------------------------------
+
+    def _record(self, kind: str, pod: dict[str, Any]) -> None:
+        self.version += 1
+        pod["metadata"]["resourceVersion"] = str(self.version)
+        self.history.append((self.version, kind, json.loads(json.dumps(pod))))
+        self.cond.notify_all()
+
+    @staticmethod
+    def _selected(pod: Mapping[str, Any], query: Mapping[str, str]) -> bool:
+        for term in filter(None, query.get("fieldSelector", "").split(",")):
+            field, _, value = term.partition("=")
+            assert field == "spec.nodeName", f"unsupported field selector {term}"
+            if pod.get("spec", {}).get("nodeName", "") != value:
+                return False
+        return True
+
+    def _watch(self, handler: Any, query: Mapping[str, str]) -> None:
+        import time
+
+        since = int(query.get("resourceVersion") or 0)
+        deadline = time.monotonic() + float(query.get("timeoutSeconds") or 60)
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        gone = {"kind": "Status", "code": 410, "reason": "Expired", "message": "too old"}
+        try:
+            while True:
+                with self.cond:
+                    if since < self.oldest:
+                        handler.chunk({"type": "ERROR", "object": gone})
+                        break
+                    events = [e for e in self.history if e[0] > since]
+                    if not events:
+                        left = deadline - time.monotonic()
+                        if self.closing or left <= 0:
+                            break
+                        self.cond.wait(min(left, 0.5))
+                        continue
+                for version, kind, pod in events:
+                    since = version
+                    if self._selected(pod, query):
+                        handler.chunk({"type": kind, "object": pod})
+            handler.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            pass  # the client went away
+        handler.close_connection = True
+
+    def _pod_key(self, route: str) -> tuple[str, str]:
+        parts = route.strip("/").split("/")
+        return parts[3], parts[5]
+
+    def _delete(self, handler: Any) -> None:
+        key = self._pod_key(handler.route)
+        wanted = (handler.body or {}).get("preconditions", {})
+        with self.cond:
+            pod = self.pods.get(key)
+            if pod is None:
+                return handler._json(404, {"kind": "Status", "code": 404, "message": "not found"})
+            meta = pod["metadata"]
+            if wanted.get("uid") not in (None, meta.get("uid")) or wanted.get(
+                "resourceVersion"
+            ) not in (None, meta.get("resourceVersion")):
+                return handler._json(409, {"kind": "Status", "code": 409, "message": "conflict"})
+            del self.pods[key]
+            self._record("DELETED", pod)
+        handler._json(200, {"kind": "Status", "status": "Success"})
+
+    def _patch(self, handler: Any) -> None:
+        assert handler.route.endswith("/status"), handler.route
+        assert handler.headers.get("Content-Type") == "application/merge-patch+json"
+        key = self._pod_key(handler.route)
+        with self.cond:
+            pod = self.pods.get(key)
+            if pod is None:
+                return handler._json(404, {"kind": "Status", "code": 404, "message": "not found"})
+            labels = (handler.body or {}).get("metadata", {}).get("labels", {})
+            pod["metadata"].setdefault("labels", {}).update(labels)
+            self._record("MODIFIED", pod)
+        handler._json(200, pod)
+
+
+def broken_pod(
+    name: str, uid: str, node: str, pod_ip: str = "192.0.2.10", exit_code: int = 126
+) -> dict[str, Any]:
+    """A sidecar pod whose istio-validation init container last exited with `exit_code` and
+    is now waiting to restart (CrashLoopBackOff), as the kubelet reports it."""
+    pod = mesh_pod(name=name)
+    pod["metadata"]["uid"] = uid
+    pod["spec"]["nodeName"] = node
+    pod["status"] = {
+        "phase": "Pending",
+        "podIP": pod_ip,
+        "podIPs": [{"ip": pod_ip}],
+        "initContainerStatuses": [
+            {
+                "name": "istio-validation",
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                "lastState": {"terminated": {"exitCode": exit_code, "reason": "Error"}},
+                "ready": False,
+                "restartCount": 3,
+            }
+        ],
+    }
+    return pod

@@ -116,6 +116,7 @@ class Daemon:
                 "KUBERNETES_SERVICE_HOST": "127.0.0.1",
                 "KUBERNETES_SERVICE_PORT": "6443",
                 "POD_NAMESPACE": "meshnet-system",
+                "MONITORING_PORT": "0",
             }
         )
         for name, value in overrides.items():

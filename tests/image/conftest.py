@@ -22,7 +22,7 @@ from tests.support import REPO
 from . import podman
 
 BUILD_TIMEOUT = 900.0
-TAG = "test"
+TAG = os.environ.get("MESHNET_TEST_IMAGE_TAG", "test")  # a private tag for parallel runs
 # Timings shown at the end of the run: build time, the init container's run time.
 TIMINGS: dict[str, float] = {}
 

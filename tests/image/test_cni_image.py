@@ -87,9 +87,16 @@ def host_dirs(tmp_path: Path) -> HostDirs:
 def _mounts(dirs: HostDirs) -> list[str]:
     """The DaemonSet's volumeMounts, each pointed at a temporary dir."""
     container = manifests.installer_container()
-    targets = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
-    sources = {"cni-bin-dir": dirs.bin, "cni-net-dir": dirs.conf, "cni-run-dir": dirs.run}
-    flags = [f"--volume={sources[name]}:{target}" for name, target in targets.items()]
+    sources = {
+        "cni-bin-dir": dirs.bin,
+        "cni-net-dir": dirs.conf,
+        "cni-run-dir": dirs.run,
+        "host-proc": Path("/proc"),  # the repair controller's view of the node's processes
+    }
+    flags = [
+        f"--volume={sources[m['name']]}:{m['mountPath']}{':ro' if m.get('readOnly') else ''}"
+        for m in container["volumeMounts"]
+    ]
     return [*flags, f"--volume={dirs.service_account}:{SA_DIR}:ro"]
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from meshnet.cni.install import ENV_OPTIONS, Settings
 from tests.support import REPO
 
 from . import manifests
@@ -174,3 +175,60 @@ def test_dockerfile_base_is_an_argument_and_entrypoint_is_meshnet(dockerfile: st
 def test_init_image_is_the_final_stage_of_dockerfile_init() -> None:
     stages = re.findall(r"^FROM \S+ AS (\S+)$", (REPO / "Dockerfile.init").read_text(), re.M)
     assert stages[-1] == "init"  # a plain `podman build -f Dockerfile.init .` gives it
+
+
+# --------------------------------------------------------------------------- node agent
+
+
+def installer_settings() -> Settings:
+    """The ConfigMap's options read by the installer's own parser (so they are valid)."""
+    return Settings.from_env(one(load(CNI_MANIFEST), "ConfigMap")["data"])
+
+
+def test_configmap_keys_are_installer_options() -> None:
+    known = {option.name for option in ENV_OPTIONS}
+    data = one(load(CNI_MANIFEST), "ConfigMap")["data"]
+    assert set(data) <= known, f"not installer options: {sorted(set(data) - known)}"
+
+
+def test_cluster_role_grants_exactly_what_the_enabled_repair_mode_needs() -> None:
+    repair = installer_settings().repair
+    needed = {("pods", "get")}  # the plugin reads each pod
+    if repair.enabled:
+        needed |= {("pods", "list"), ("pods", "watch")}
+        by_action = {"delete": {("pods", "delete")}, "label": {("pods/status", "patch")}}
+        needed |= by_action.get(repair.action or "", set())
+    rules = one(load(CNI_MANIFEST), "ClusterRole")["rules"]
+    assert all(rule["apiGroups"] == [""] for rule in rules)
+    granted = {(res, verb) for rule in rules for res in rule["resources"] for verb in rule["verbs"]}
+    assert granted == needed
+
+
+def test_metrics_port_is_declared_and_annotated_for_scraping() -> None:
+    port = installer_settings().monitoring_port
+    assert port == 15014  # Istio's
+    annotations = daemonset()["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(port),
+        "prometheus.io/path": "/metrics",
+    }
+    ports = manifests.installer_container()["ports"]
+    assert {"name": "metrics", "containerPort": port, "protocol": "TCP"} in ports
+
+
+def test_repair_mode_has_the_host_proc_node_name_and_capabilities_it_needs() -> None:
+    repair = installer_settings().repair
+    assert repair.enabled and repair.action == "repair"
+    container = manifests.installer_container()
+    env = {item["name"]: item for item in container["env"]}
+    assert env["REPAIR_NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    proc = mounts[str(repair.host_proc)]
+    assert proc.get("readOnly") is True
+    volumes = {volume["name"]: volume for volume in pod_spec()["volumes"]}
+    assert volumes[proc["name"]]["hostPath"] == {"path": "/proc", "type": "Directory"}
+    capabilities = container["securityContext"]["capabilities"]
+    assert capabilities["drop"] == ["ALL"]
+    assert set(capabilities["add"]) == {"NET_ADMIN", "NET_RAW", "SYS_PTRACE", "SYS_ADMIN"}
+    assert container["securityContext"]["privileged"] is False
