@@ -64,7 +64,7 @@ def run(opts: Options) -> None:
                 ok = _probe_until(
                     family, listen, target, opts.probe_port, captured, opts.probe_timeout
                 )
-                identity = f"uid {os.geteuid()} gid {os.getegid()} (this process)"
+                identity = f"uid {os.geteuid()} gid {os.getegid()}"
         if not ok:
             raise ValidationFailed(failure_message(opts, target, identity))
     finally:
