@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import socket
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -34,13 +35,16 @@ from typing import Any
 from meshnet import logs, proc, routes
 from meshnet.backends.iptables import IptablesRunner, describe
 from meshnet.errors import RouteError
-from meshnet.nftplan import TABLES as NFT_TABLES
 from meshnet.planner import set_name
 
 _SAVE_TIMEOUT = 30.0
 _NS_GET_NSTYPE = 0xB703  # ioctl(2) on a namespace file: its CLONE_NEW* type
 _CLONE_NEWNET = 0x40000000
 _IPSETS = tuple(set_name(kind, fam) for kind in ("include", "exclude") for fam in ("ipv4", "ipv6"))
+# Netlink (linux/netlink.h, linux/rtnetlink.h, linux/fib_rules.h).
+_NLMSG_HDRLEN, _NLMSG_ERROR, _NLMSG_DONE = 16, 2, 3
+_RTM_NEWRULE, _RTM_GETRULE, _DUMP = 32, 34, 0x301  # NLM_F_REQUEST | NLM_F_DUMP
+_FRA_FWMARK = 10
 _FAMILY_FLAG: dict[int, str] = {socket.AF_INET: "-4", socket.AF_INET6: "-6"}
 
 # Rules Istio appends to built-in chains without jumping to an ISTIO_* chain, as iptables-save
@@ -251,7 +255,11 @@ def _find_nft_tables() -> tuple[str, ...]:
         logs.get().warning("cannot list nftables tables", error=proc.stderr_summary(listed))
         return ()
     present = {line.split()[-1] for line in listed.stdout.splitlines() if line.startswith("table")}
-    return tuple(t for t in NFT_TABLES if t in present)
+    if not any(name.startswith("istio-proxy-") for name in present):
+        return ()
+    from meshnet.nftplan import TABLES  # only now: it costs ~15 ms to import
+
+    return tuple(t for t in TABLES if t in present)
 
 
 def _find_ipsets() -> tuple[str, ...]:
@@ -277,6 +285,8 @@ def _has_loopback_v6() -> bool:
 
 
 def _find_policy_routes() -> tuple[PolicyRoute, ...]:
+    if not _has_fwmark_rule():
+        return ()
     found: list[PolicyRoute] = []
     try:
         with routes._iproute() as ipr:
@@ -286,6 +296,48 @@ def _find_policy_routes() -> tuple[PolicyRoute, ...]:
     except RouteError as err:
         logs.get().warning("cannot read the policy routing rules", error=str(err))
     return tuple(found)
+
+
+def _has_fwmark_rule() -> bool:
+    """Whether any policy rule of either family matches a fwmark, from one raw netlink dump
+    per family (stdlib only): pyroute2 costs ~150 ms to import, and DEL runs for every pod."""
+    try:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    except OSError:
+        return True  # pyroute2 will report what is wrong
+    with sock:
+        for seq, family in enumerate(_FAMILY_FLAG, 1):
+            header = struct.pack("=IHHII", _NLMSG_HDRLEN + 12, _RTM_GETRULE, _DUMP, seq, 0)
+            sock.send(header + struct.pack("=8BI", family, 0, 0, 0, 0, 0, 0, 0, 0))
+            if _dump_has_fwmark(sock):
+                return True
+    return False
+
+
+def _dump_has_fwmark(sock: socket.socket) -> bool:
+    """Read one dump to its end; True when a rule in it carries FRA_FWMARK."""
+    found = False
+    while True:
+        data = sock.recv(1 << 16)
+        offset = 0
+        while offset + _NLMSG_HDRLEN <= len(data):
+            length, kind = struct.unpack_from("=IH", data, offset)
+            if kind in (_NLMSG_DONE, _NLMSG_ERROR) or length < _NLMSG_HDRLEN:
+                return found  # an error: e.g. IPv6 disabled, so no IPv6 rules
+            if kind == _RTM_NEWRULE:
+                found = found or _has_attribute(data, offset + _NLMSG_HDRLEN + 12, offset + length)
+            offset += (length + 3) & ~3
+
+
+def _has_attribute(data: bytes, start: int, end: int) -> bool:
+    while start + 4 <= end:
+        length, kind = struct.unpack_from("=HH", data, start)
+        if kind & 0x3FFF == _FRA_FWMARK:
+            return True
+        if length < 4:
+            return False
+        start += (length + 3) & ~3
+    return False
 
 
 def _tproxy_rules(ipr: Any, family: int, lo: int) -> list[PolicyRoute]:
