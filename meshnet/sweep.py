@@ -205,7 +205,7 @@ def _find_iptables() -> Iterable[IptablesRemoval]:
             # The save tools only: no detection probe (DEL runs for every pod, often many at
             # once, and a legacy probe would leave an empty nat table behind).
             dump = proc.run([f"{tool}-save"], timeout=_SAVE_TIMEOUT)
-            if dump.returncode != 0 or ":ISTIO_" not in dump.stdout:
+            if dump.returncode != 0:
                 continue
             text, chains = removal_text(dump.stdout)
             if text:
@@ -214,7 +214,10 @@ def _find_iptables() -> Iterable[IptablesRemoval]:
 
 def removal_text(save: str) -> tuple[str, list[str]]:
     """Restore input deleting Istio's rules in built-in chains, then flushing and deleting the
-    ISTIO_* chains; and the chains deleted ("table/chain"). Empty when there is nothing."""
+    ISTIO_* chains; and the chains deleted ("table/chain"). Empty when there is nothing: a
+    save without ISTIO_* chains was never touched by Istio, whatever its rules look like."""
+    if ":ISTIO_" not in save:
+        return "", []
     out: list[str] = []
     deleted: list[str] = []
     table = ""
