@@ -21,7 +21,11 @@ from meshnet.render import jsonout, restore, transcript
 
 @contextmanager
 def entered(
-    given: Mapping[str, str | None], environ: Mapping[str, str], *, needs_plan: bool = True
+    given: Mapping[str, str | None],
+    environ: Mapping[str, str],
+    *,
+    needs_plan: bool = True,
+    prints_rules: bool = False,
 ) -> Iterator[Options]:
     """Enter the namespace (if any), then validate the options inside it.
 
@@ -35,7 +39,8 @@ def entered(
     with netns.entered(namespace) if namespace else nullcontext():
         opts = options.build(raw, HostSystem())
         logs.configure(opts.log_format, opts.log_level)
-        _require_dry_run_for_output_format(raw, opts)
+        if prints_rules:
+            _require_dry_run_for_output_format(raw, opts)
         yield opts
 
 
@@ -51,10 +56,11 @@ def _require_dry_run_for_output_format(raw: Mapping[str, options.Raw], opts: Opt
 
 @contextmanager
 def prepared(
-    given: Mapping[str, str | None], environ: Mapping[str, str]
+    given: Mapping[str, str | None], environ: Mapping[str, str], *, prints_rules: bool = False
 ) -> Iterator[tuple[Options, Ruleset]]:
-    """Enter the namespace (if any), then validate the options and plan, inside it."""
-    with entered(given, environ) as opts:
+    """Enter the namespace (if any), then validate the options and plan, inside it.
+    `prints_rules`: the command prints rules with --dry-run, and applies them without it."""
+    with entered(given, environ, prints_rules=prints_rules) as opts:
         ruleset = planner.plan(opts)
         for warning in ruleset.warnings:
             logs.get().warning(warning)
@@ -74,7 +80,7 @@ def render(opts: Options, ruleset: Ruleset) -> str:
 
 
 def run_istio_iptables(given: Mapping[str, str | None], environ: Mapping[str, str]) -> None:
-    with prepared(given, environ) as (opts, ruleset):
+    with prepared(given, environ, prints_rules=True) as (opts, ruleset):
         if opts.skip_rule_apply:
             logs.get().info("skipping rule application (--skip-rule-apply)")
         elif opts.native_nftables or opts.output_format == "nft":
@@ -122,7 +128,7 @@ def run_clean(given: Mapping[str, str | None], environ: Mapping[str, str]) -> No
     scope nothing); --dry-run prints the removal instead."""
     from meshnet import sweep
 
-    with entered(given, environ, needs_plan=False) as opts:
+    with entered(given, environ, needs_plan=False, prints_rules=True) as opts:
         if opts.dry_run:
             click.echo(sweep.find().render(), nl=False)
             return
