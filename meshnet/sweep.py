@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+# routes' netlink helpers (its private ones included) are reused here, not copied.
 from meshnet import logs, proc, routes
 from meshnet.backends.iptables import IptablesRunner, describe
 from meshnet.errors import RouteError
