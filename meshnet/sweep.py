@@ -34,6 +34,7 @@ from typing import Any
 
 # routes' netlink helpers (its private ones included) are reused here, not copied.
 from meshnet import logs, proc, routes
+from meshnet.backends import ipset
 from meshnet.backends.iptables import IptablesRunner, describe
 from meshnet.errors import RouteError
 from meshnet.planner import set_name
@@ -155,9 +156,8 @@ def is_network_namespace(path: str) -> bool:
 
 def find() -> Removal:
     """Read what Istio or meshnet left in the current namespace (changes nothing)."""
-    iptables = tuple(_find_iptables())
     return Removal(
-        iptables=iptables,
+        iptables=tuple(_find_iptables()),
         nft_tables=_find_nft_tables(),
         ipsets=_find_ipsets(),
         policy_routes=_find_policy_routes(),
@@ -177,20 +177,19 @@ def remove(removal: Removal, *, lockfile: str | None = None) -> None:
 
         Nft().apply("".join(f"delete table inet {t}\n" for t in removal.nft_tables))
         log.info("removed nftables tables", tables=list(removal.nft_tables))
-    for name in removal.ipsets:
-        proc.run(["ipset", "destroy", name], timeout=_SAVE_TIMEOUT)
     if removal.ipsets:
+        ipset.destroy(removal.ipsets)
         log.info("removed ipsets", sets=list(removal.ipsets))
     _remove_routing(removal)
 
 
-def sweep(*, dry_run: bool = False, lockfile: str | None = None) -> Removal:
-    """Find and (unless `dry_run`) remove everything; returns what was (or would be) removed."""
+def sweep(*, lockfile: str | None = None) -> Removal:
+    """Find and remove everything; returns what was removed."""
     removal = find()
-    if not dry_run and not removal.empty:
-        remove(removal, lockfile=lockfile)
     if removal.empty:
         logs.get().info("nothing of Istio's to remove")
+    else:
+        remove(removal, lockfile=lockfile)
     return removal
 
 
