@@ -58,7 +58,7 @@ _ENV_ONLY_HELP = "\b\nEnv-only options: " + ", ".join(
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="meshnet")
+@click.version_option(None, "-V", "--version", package_name="meshnet")
 def cli() -> None:
     """meshnet: Istio-compatible sidecar traffic interception."""
 
@@ -75,7 +75,13 @@ def istio_iptables(**given: str | None) -> None:
 @cli.command("clean", epilog=_ENV_ONLY_HELP)
 @istio_flags
 def clean(**given: str | None) -> None:
-    """Remove exactly what the same flags install (= istio-iptables --cleanup-only)."""
+    """Remove everything Istio or meshnet installed, whatever flags are given.
+
+    Every ISTIO_* chain and every jump into one (raw, mangle, nat, filter; IPv4 and IPv6;
+    iptables-legacy and iptables-nft), meshnet's nftables tables and ipsets, the TPROXY
+    `ip rule`s and routes, and ::6 on lo; other rules stay as they are. --dry-run prints the
+    removal. `istio-iptables --cleanup-only` removes only what the given flags install.
+    """
     from meshnet.run import run_clean
 
     run_clean(given, os.environ)
@@ -84,19 +90,47 @@ def clean(**given: str | None) -> None:
 @cli.command("istio-clean-iptables", epilog=_ENV_ONLY_HELP, hidden=True)
 @istio_flags
 def istio_clean_iptables(**given: str | None) -> None:
-    """Alias of `meshnet clean` (Istio's removed istio-clean-iptables)."""
+    """Alias of `meshnet clean` (Istio's removed istio-clean-iptables, which ignored flags)."""
     from meshnet.run import run_clean
 
     run_clean(given, os.environ)
 
 
+def _output_option(choices: tuple[str, ...]) -> Callable[[F], F]:
+    return click.option(
+        "--output",
+        "output",
+        type=click.Choice(choices),
+        default=None,
+        help=f"{' or '.join(choices)} (default text); --output-format is an alias here.",
+    )
+
+
+def _output(output: str | None, given: dict[str, str | None], choices: tuple[str, ...]) -> str:
+    """`--output`, or `--output-format` as its alias (for these commands it means the same)."""
+    alias = given.pop("output_format", None)
+    if output is None and alias is not None:
+        if alias not in choices:
+            raise click.BadParameter(
+                f"{alias!r} is not one of {', '.join(map(repr, choices))}.",
+                param_hint="'--output-format'",
+            )
+        output = alias
+    return output or "text"
+
+
 @cli.command("verify", epilog=_ENV_ONLY_HELP)
 @istio_flags
-def verify(**given: str | None) -> None:
-    """Compare the live rules with the plan for these flags: exit 0 equal, 3 drifted."""
+@_output_option(("text", "json"))
+def verify(output: str | None, **given: str | None) -> None:
+    """Compare the live rules with the plan for these flags: exit 0 equal, 3 drifted.
+
+    The report names the backend used per family (`--output json`: in_sync, backend,
+    differences)."""
     from meshnet.run import run_verify
 
-    sys.exit(run_verify(given, os.environ))
+    chosen = _output(output, given, ("text", "json"))
+    sys.exit(run_verify(given, os.environ, chosen))
 
 
 @cli.command("validate", epilog=_ENV_ONLY_HELP)
@@ -119,18 +153,13 @@ def validate(**given: str | None) -> None:
     help="A connection to walk through the rules, e.g. 'out tcp uid=1000 "
     "dst=10.1.2.3:80' or 'in tcp dst=192.0.2.1:8080' (repeatable).",
 )
-@click.option(
-    "--output",
-    "output",
-    type=click.Choice(["text", "json"]),
-    default="text",
-    help="text (default) or json.",
-)
-def explain(probes: tuple[str, ...], output: str, **given: str | None) -> None:
+@_output_option(("text", "json"))
+def explain(probes: tuple[str, ...], output: str | None, **given: str | None) -> None:
     """Show which rules a connection hits and whether it is captured (no root needed)."""
     from meshnet.run import run_explain
 
-    run_explain(given, os.environ, probes, output)
+    chosen = _output(output, given, ("text", "json"))
+    run_explain(given, os.environ, probes, chosen)
 
 
 @cli.group("cni")
@@ -138,10 +167,24 @@ def cni() -> None:
     """The sidecar-mode CNI plugin's node side."""
 
 
-@cni.command("install", context_settings={"ignore_unknown_options": True})
+class _InstallCommand(click.Command):
+    """`cni install --help` lists the installer's environment variables (its only options)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from meshnet.cni.install import ENV_OPTIONS
+
+        rows = [
+            (o.name, o.help + (f" [default {o.default!r}]" if o.default else ""))
+            for o in ENV_OPTIONS
+        ]
+        with formatter.section("Environment variables"):
+            formatter.write_dl(rows)
+
+
+@cni.command("install", cls=_InstallCommand, context_settings={"ignore_unknown_options": True})
 def cni_install() -> None:
-    """Install meshnet-cni on this node and keep it installed (options are env variables,
-    as Istio's install-cni; see `python -m meshnet.cni.install -h`)."""
+    """Install meshnet-cni on this node and keep it installed (options are environment
+    variables, as Istio's install-cni)."""
     from meshnet.cni import install
 
     sys.exit(install.main([], os.environ))
@@ -155,27 +198,41 @@ def demo() -> None:
     run()
 
 
-def _configure_logs_early(argv: list[str], environ: Mapping[str, str]) -> None:
-    """Errors before option parsing still need a logger; honour the obvious JSON switches."""
-    as_json = any(a in ("--log_as_json", "--log-format=json") for a in argv)
-    as_json = as_json or environ.get("MESHNET_LOG_FORMAT") == "json"
-    logs.configure("json" if as_json else "text")
+_JSON_FLAGS = ("--log_as_json", "--log_as_json=true", "--log_as_json=1", "--log-format=json")
+
+
+def _log_format_early(argv: list[str], environ: Mapping[str, str]) -> str:
+    """The error format before (or without) option parsing: a usage error, or a bad value,
+    is reported in the format the command line asks for, wherever the flag is."""
+    fmt = "json" if environ.get("MESHNET_LOG_FORMAT") == "json" else "text"
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if arg in _JSON_FLAGS or (arg == "--log-format" and argv[i + 1 : i + 2] == ["json"]):
+            fmt = "json"
+        elif arg == "--log-format=text" or (
+            arg == "--log-format" and argv[i + 1 : i + 2] == ["text"]
+        ):
+            fmt = "text"
+    return fmt
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    _configure_logs_early(args, os.environ)
+    logs.configure(_log_format_early(args, os.environ))
     try:
         cli.main(args=args, prog_name="meshnet", standalone_mode=False)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
+    except click.exceptions.NoArgsIsHelpError as err:  # bare `meshnet`, `meshnet cni`
+        click.echo(err.ctx.get_help() if err.ctx is not None else "")
+        sys.exit(0)
     except click.UsageError as err:
-        click.echo(f"Error: {err.format_message()}", err=True)
-        if err.ctx is not None:
-            click.echo(f"Run '{err.ctx.command_path} --help' for usage.", err=True)
+        hint = f"run '{err.ctx.command_path} --help' for usage" if err.ctx else None
+        logs.get().error(err.format_message(), usage=hint)
         sys.exit(USAGE_EXIT)
     except click.Abort:
-        click.echo("Aborted.", err=True)
+        logs.get().error("aborted")
         sys.exit(1)
     except MeshnetError as err:
         logs.get().error(str(err))

@@ -12,15 +12,14 @@ iptables-save respells rules (`-m tcp` added, marks in hex, options reordered).
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 
-from meshnet import logs, netns, proc, routes, state
+from meshnet import logs, netns, routes, state
 from meshnet.backends import ipset
-from meshnet.backends.iptables import IptablesRunner, describe, detect
+from meshnet.backends.iptables import IptablesRunner, detect
 from meshnet.cleanup import cleanup_commands
 from meshnet.errors import BackendError, DriftError, MeshnetError, NamespaceError
 from meshnet.model import Family, IpSet, Rule, Ruleset
@@ -333,57 +332,3 @@ def verify(plans: list[FamilyPlan]) -> list[str]:
         current = state.parse_save(plan.initial_save or "")
         lines += [f"{plan.family} {line}" for line in plan.differences(current)]
     return lines
-
-
-def purge(namespace: str | None = None) -> set[str]:
-    """Remove every ISTIO_* chain and every jump into one, whatever flags made them.
-
-    For CNI DEL, where the pod (and so its flags) may be gone: Istio's BuildCleanupFromState,
-    one restore per backend and family that holds Istio chains, so it is atomic. It looks with
-    the save tools only (no detection probes: DEL runs for every pod, often many at once).
-    Returns the chains removed, as "iptables:ISTIO_X" / "ip6tables:ISTIO_X".
-    """
-    lockfile = netns.resolve(namespace) if namespace else None
-    removed: set[str] = set()
-    for prefix in ("iptables", "ip6tables"):
-        for variant in ("legacy", "nft"):
-            save = f"{prefix}-{variant}-save"
-            if shutil.which(save) is None:
-                continue
-            dump = proc.run([save], timeout=30)
-            if dump.returncode != 0 or ":ISTIO_" not in dump.stdout:
-                continue
-            runner = IptablesRunner(describe(f"{prefix}-{variant}"), lockfile=lockfile)
-            runner.restore(purge_text(dump.stdout))
-            removed |= {
-                f"{prefix}:{line[1:].split()[0]}"
-                for line in dump.stdout.splitlines()
-                if line.startswith(":ISTIO_")
-            }
-    return removed
-
-
-def purge_text(save: str) -> str:
-    """Restore input that deletes the jumps into ISTIO_* chains, then flushes and deletes them."""
-    out: list[str] = []
-    table = ""
-    deletes: list[str] = []
-    chains: list[str] = []
-    for line in [*save.splitlines(), "*"]:
-        if line.startswith("*"):
-            if chains or deletes:
-                out += [
-                    f"*{table}",
-                    *deletes,
-                    *(f"-F {c}" for c in chains),
-                    *(f"-X {c}" for c in chains),
-                    "COMMIT",
-                ]
-            table, deletes, chains = line[1:].strip(), [], []
-        elif line.startswith(":ISTIO_"):
-            chains.append(line[1:].split()[0])
-        elif line.startswith("-A ") and not line.split()[1].startswith("ISTIO_"):
-            tokens = line.split()
-            if "-j" in tokens[:-1] and tokens[tokens.index("-j") + 1].startswith("ISTIO_"):
-                deletes.append("-D " + line[3:])
-    return "\n".join(out) + "\n" if out else ""

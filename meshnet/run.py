@@ -13,22 +13,54 @@ import click
 
 from meshnet import logs, netns, options, planner
 from meshnet.environment import HostSystem
-from meshnet.errors import MeshnetError
+from meshnet.errors import MeshnetError, OptionError
 from meshnet.model import Ruleset
 from meshnet.options import Options
 from meshnet.render import jsonout, restore, transcript
 
 
 @contextmanager
-def prepared(
-    given: Mapping[str, str | None], environ: Mapping[str, str]
-) -> Iterator[tuple[Options, Ruleset]]:
-    """Enter the namespace (if any), then validate the options and plan, inside it."""
+def entered(
+    given: Mapping[str, str | None],
+    environ: Mapping[str, str],
+    *,
+    needs_plan: bool = True,
+    prints_rules: bool = False,
+) -> Iterator[Options]:
+    """Enter the namespace (if any), then validate the options inside it.
+
+    Without `needs_plan` (the complete sweep, which no flag scopes) IPv6 is not detected from
+    the interface addresses: a namespace with none would otherwise fail for nothing.
+    """
     raw = options.gather(given, environ)
+    if not needs_plan and not raw["enable_ipv6"].explicit:
+        raw["enable_ipv6"] = options.Raw("false", "not needed by clean")
     namespace = raw["network_namespace"].text
     with netns.entered(namespace) if namespace else nullcontext():
         opts = options.build(raw, HostSystem())
         logs.configure(opts.log_format, opts.log_level)
+        if prints_rules:
+            _require_dry_run_for_output_format(raw, opts)
+        yield opts
+
+
+def _require_dry_run_for_output_format(raw: Mapping[str, options.Raw], opts: Options) -> None:
+    """--output-format only chooses what --dry-run prints: without it, nothing is printed and
+    the rules would be applied, which is not what a user asking for a format means."""
+    if raw["output_format"].explicit and not opts.dry_run:
+        raise OptionError(
+            f"{raw['output_format'].origin} {opts.output_format!r} only chooses what --dry-run "
+            "prints: add --dry-run to print the rules, or drop it to apply them"
+        )
+
+
+@contextmanager
+def prepared(
+    given: Mapping[str, str | None], environ: Mapping[str, str], *, prints_rules: bool = False
+) -> Iterator[tuple[Options, Ruleset]]:
+    """Enter the namespace (if any), then validate the options and plan, inside it.
+    `prints_rules`: the command prints rules with --dry-run, and applies them without it."""
+    with entered(given, environ, prints_rules=prints_rules) as opts:
         ruleset = planner.plan(opts)
         for warning in ruleset.warnings:
             logs.get().warning(warning)
@@ -48,7 +80,7 @@ def render(opts: Options, ruleset: Ruleset) -> str:
 
 
 def run_istio_iptables(given: Mapping[str, str | None], environ: Mapping[str, str]) -> None:
-    with prepared(given, environ) as (opts, ruleset):
+    with prepared(given, environ, prints_rules=True) as (opts, ruleset):
         if opts.skip_rule_apply:
             logs.get().info("skipping rule application (--skip-rule-apply)")
         elif opts.native_nftables or opts.output_format == "nft":
@@ -92,10 +124,21 @@ def _run_nftables(opts: Options) -> None:
 
 
 def run_clean(given: Mapping[str, str | None], environ: Mapping[str, str]) -> None:
-    run_istio_iptables({**given, "cleanup_only": "true"}, environ)
+    """Remove everything Istio or meshnet installed, whatever the flags (they are checked, but
+    scope nothing); --dry-run prints the removal instead."""
+    from meshnet import sweep
+
+    with entered(given, environ, needs_plan=False, prints_rules=True) as opts:
+        if opts.dry_run:
+            click.echo(sweep.find().render(), nl=False)
+            return
+        in_pod = opts.cni_mode and opts.network_namespace
+        sweep.sweep(lockfile=netns.resolve(opts.network_namespace) if in_pod else None)
 
 
-def run_verify(given: Mapping[str, str | None], environ: Mapping[str, str]) -> int:
+def run_verify(
+    given: Mapping[str, str | None], environ: Mapping[str, str], output: str = "text"
+) -> int:
     """Print the drift between live state and plan; 0 when equal, 3 when drifted."""
     from meshnet import engine
 
@@ -104,12 +147,22 @@ def run_verify(given: Mapping[str, str | None], environ: Mapping[str, str]) -> i
             from meshnet import nftengine, nftplan
 
             lines = nftengine.verify(opts, nftplan.plan_nft(opts))
+            backends = {f: "nftables" for f in ("ipv4", "ipv6")[: 1 + ruleset.ipv6_enabled]}
         else:
-            lines = engine.verify(engine.families(opts, ruleset))
+            plans = engine.families(opts, ruleset)
+            lines = engine.verify(plans)
+            backends = {p.family: p.runner.binary.binary for p in plans if p.runner is not None}
+    if output == "json":
+        import json
+
+        document = {"in_sync": not lines, "backend": backends, "differences": lines}
+        click.echo(json.dumps(document, indent=2))
+        return 3 if lines else 0
+    used = ", ".join(f"{family} {tool}" for family, tool in backends.items())
     if not lines:
-        click.echo("in sync: the live rules match the plan")
+        click.echo(f"in sync: the live rules match the plan ({used})")
         return 0
-    click.echo(f"drifted: {len(lines)} difference(s) between the live rules and the plan")
+    click.echo(f"drifted: {len(lines)} difference(s) between the live rules and the plan ({used})")
     for line in lines:
         click.echo(f"  {line}")
     return 3

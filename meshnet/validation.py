@@ -3,14 +3,25 @@
 A server listens on the proxy's ports (15001, 15006) of loopback; a client, running as the
 proxy's UID, dials 127.0.0.6:<probe port>. The rules redirect it to 15006; the server reads
 SO_ORIGINAL_DST and sees the probe port. No capture within the timeout: exit 126.
+
+Istio's istio-validation container runs as the proxy UID, so its client is exempt as the proxy
+is (tools/istio-iptables/pkg/validation/vld.go). meshnet gives the same answer whoever runs it:
+when the caller is another user and may change identity (root), the client runs in a forked
+child that drops to the proxy's UID and GID first.
 """
 
 from __future__ import annotations
 
+import grp
+import os
+import pwd
+import signal
 import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from meshnet import logs
 from meshnet.environment import HostSystem, detect_ip
@@ -18,11 +29,17 @@ from meshnet.errors import EnvironmentFactError, ValidationFailed
 from meshnet.options import Options
 
 SO_ORIGINAL_DST = 80
-FAILURE_MESSAGE = """iptables validation failed; workload is not ready for Istio.
-When using Istio CNI, this can occur if a pod is scheduled before the node is ready.
 
-If installed with 'cni.repair.deletePods=true', this pod should automatically be deleted and retry.
-Otherwise, this pod will need to be manually removed so that it is scheduled on a node with istio-cni running, allowing iptables rules to be established."""  # noqa: E501 - Istio's text
+
+def failure_message(opts: Options, target: str, identity: str) -> str:
+    return (
+        f"validation failed: a connection from {identity} to {target}:{opts.probe_port} was not "
+        f"redirected to the proxy ports {opts.proxy_port}/{opts.inbound_capture_port} within "
+        f"{opts.probe_timeout:g}s, so this namespace does not capture traffic. Apply the rules "
+        "first (`meshnet istio-iptables` with the pod's flags, or the CNI plugin on its node), "
+        "check them with `meshnet verify`, and run validation with the same -u/-g, -p and -z; "
+        "a pod scheduled before the CNI plugin was ready must be recreated"
+    )
 
 
 def run(opts: Options) -> None:
@@ -32,17 +49,82 @@ def run(opts: Options) -> None:
     family = socket.AF_INET6 if ipv6 else socket.AF_INET
     captured = threading.Event()
     servers = _listen(family, listen, (opts.proxy_port, opts.inbound_capture_port))
+    uid, gid = _proxy_ids(opts)
+    identity = f"uid {uid} gid {gid}"
     try:
-        for server in servers:
-            threading.Thread(
-                target=_serve, args=(server, opts.probe_port, captured), daemon=True
-            ).start()
-        if not _probe_until(family, listen, target, opts.probe_port, captured, opts.probe_timeout):
-            raise ValidationFailed(FAILURE_MESSAGE)
+        # Fork before any thread exists: the child only dials and exits.
+        with _client_as(uid, gid, servers, family, listen, target, opts) as in_child:
+            for server in servers:
+                threading.Thread(
+                    target=_serve, args=(server, opts.probe_port, captured), daemon=True
+                ).start()
+            if in_child:
+                ok = captured.wait(opts.probe_timeout)
+            else:
+                ok = _probe_until(
+                    family, listen, target, opts.probe_port, captured, opts.probe_timeout
+                )
+                identity = f"uid {os.geteuid()} gid {os.getegid()}"
+        if not ok:
+            raise ValidationFailed(failure_message(opts, target, identity))
     finally:
         for server in servers:
             server.close()
-    logs.get().info("iptables validation passed", probe=f"{target}:{opts.probe_port}")
+    logs.get().info(
+        "iptables validation passed", probe=f"{target}:{opts.probe_port}", client=identity
+    )
+
+
+def _proxy_ids(opts: Options) -> tuple[int, int]:
+    """The first proxy UID and GID (the proxy itself runs as them), as numbers. Names were
+    checked to resolve when the options were built."""
+    uid_text = opts.proxy_uids[0] if opts.proxy_uids else "1337"
+    uid = int(uid_text) if uid_text.isdigit() else pwd.getpwnam(uid_text).pw_uid
+    gid_text = opts.proxy_gids[0] if opts.proxy_gids else str(uid)
+    gid = int(gid_text) if gid_text.isdigit() else grp.getgrnam(gid_text).gr_gid
+    return uid, gid
+
+
+@contextmanager
+def _client_as(
+    uid: int,
+    gid: int,
+    servers: list[socket.socket],
+    family: int,
+    listen: str,
+    target: str,
+    opts: Options,
+) -> Iterator[bool]:
+    """Run the probing client in a child as uid/gid when this process is someone else and may
+    switch (yields True); otherwise yield False and the caller probes itself, as Istio."""
+    if (os.geteuid(), os.getegid()) == (uid, gid) or os.geteuid() != 0:
+        if os.geteuid() != uid:
+            logs.get().warning(
+                "not running as the proxy uid and cannot switch: the probe may not be captured",
+                uid=os.geteuid(),
+                proxy_uid=uid,
+            )
+        yield False
+        return
+    pid = os.fork()
+    if pid == 0:  # the child: drop to the proxy's identity, dial until killed or timed out
+        code = 1
+        try:
+            for server in servers:
+                server.close()
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            never = threading.Event()
+            _probe_until(family, listen, target, opts.probe_port, never, opts.probe_timeout)
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        yield True
+    finally:
+        os.kill(pid, signal.SIGKILL)  # our own child, by its pid
+        os.waitpid(pid, 0)
 
 
 def _host_is_ipv6(opts: Options) -> bool:

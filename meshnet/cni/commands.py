@@ -6,7 +6,7 @@ import os
 import shutil
 from typing import Any
 
-from meshnet import engine, logs, netns, options, planner, routes
+from meshnet import engine, logs, netns, options, planner, sweep
 from meshnet.cni import kube
 from meshnet.cni.plugin import (
     ERR_INTERNAL,
@@ -20,7 +20,7 @@ from meshnet.cni.plugin import (
 )
 from meshnet.cni.pod import PodDecision, annotation_of, decide
 from meshnet.environment import HostSystem
-from meshnet.errors import MeshnetError, RouteError
+from meshnet.errors import MeshnetError
 from meshnet.flags import ENV_ONLY
 from meshnet.model import Ruleset
 from meshnet.options import Options, Raw
@@ -59,30 +59,15 @@ def check(call: Call) -> None:
 
 
 def delete(call: Call) -> None:
-    """Remove every Istio chain and jump (the pod may be gone: no annotations needed)."""
-    if not call.netns or not os.path.exists(netns.resolve(call.netns)):
-        return  # the namespace is gone, and its rules with it
+    """Remove everything Istio or meshnet installed (the pod, and so its annotations, may be
+    gone); a namespace that is gone, or a CNI_NETNS that is not one, leaves nothing to do."""
+    if not call.netns:
+        return
+    _refuse_own_namespace(call)
+    if not sweep.is_network_namespace(netns.resolve(call.netns)):
+        return
     with netns.entered(call.netns):
-        if call.config.get("native_nftables"):
-            from meshnet import nftengine
-            from meshnet.backends.nftables import Nft
-
-            nftengine.remove_tables(Nft(cni_mode=True))
-        else:
-            _remove_routes(engine.purge(call.netns))
-
-
-def _remove_routes(removed: set[str]) -> None:
-    """The TPROXY route and ::6 ADD may have added (pyroute2 is only imported when they can
-    exist: DEL runs for every pod)."""
-    ipv6 = any(name.startswith("ip6tables:") for name in removed)
-    try:
-        if any(name.endswith(":ISTIO_TPROXY") for name in removed):
-            routes.remove_tproxy(1337, 133, ipv6=ipv6)
-        if ipv6:
-            routes.remove_ipv6_loopback()
-    except RouteError as err:
-        logs.get().info("no routes to remove", error=str(err))
+        sweep.sweep(lockfile=netns.resolve(call.netns))
 
 
 def status(call: Call) -> None:

@@ -9,6 +9,7 @@ a busy node.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -33,6 +34,7 @@ K8S_ARGS = (
 ERR_INCOMPATIBLE_VERSION = 1
 ERR_INVALID_ENV = 4
 ERR_DECODE = 6
+ERR_INVALID_CONFIG = 7
 ERR_INTERNAL = 999
 
 
@@ -87,6 +89,7 @@ def run(stdin: str, environ: Mapping[str, str]) -> int:
             return 0
         call = Call(command, environ, _parse_config(stdin))
         version = call.version
+        _check_numbers(call.config)
         logs.configure_light(f"default:{call.config.get('plugin_log_level') or 'info'}")
         result = _dispatch(call)
         if result is not None:
@@ -142,6 +145,34 @@ def _parse_config(stdin: str) -> dict[str, Any]:
             f"{list(SUPPORTED_VERSIONS)}",
         )
     return config
+
+
+# meshnet's netconf numbers: (field, lowest value, whole numbers only). JSON numbers or their
+# text are accepted; anything else fails the call here, before any work, naming the field.
+_NUMBERS = (("pod_fetch_attempts", 1, True), ("pod_fetch_interval", 0, False))
+
+
+def _check_numbers(config: Mapping[str, Any]) -> None:
+    for name, low, whole in _NUMBERS:
+        if name in config and _number(config[name], whole, low) is None:
+            kind = "a whole number" if whole else "a number of seconds"
+            raise CniError(
+                ERR_INVALID_CONFIG,
+                f"invalid network configuration: {name} must be {kind} >= {low}, "
+                f"got {json.dumps(config[name])}",
+            )
+
+
+def _number(value: object, whole: bool, low: int) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value) if not whole or isinstance(value, float) else int(value)
+    except ValueError:
+        return None
+    if not math.isfinite(number) or number < low or (whole and number != int(number)):
+        return None
+    return number
 
 
 def k8s_args(environ: Mapping[str, str]) -> dict[str, str]:

@@ -294,6 +294,73 @@ def test_del_succeeds_when_the_namespace_is_gone(api: FakeApi, run_dir: Path) ->
     assert ok(run_plugin(cni_env("DEL", ""), conf)).strip() == ""
 
 
+def routing(ns: str) -> str:
+    """Policy rules and routes of both families, and lo's addresses (link-local left out)."""
+    parts = []
+    for argv in (
+        ["-4", "rule"],
+        ["-6", "rule"],
+        ["-4", "route", "show", "table", "all"],
+        ["-6", "route", "show", "table", "all"],
+        ["addr", "show", "dev", "lo"],
+    ):
+        out = in_netns(ns, ["ip", *argv])
+        assert out.returncode == 0, out.stderr
+        parts.append("".join(line for line in out.stdout.splitlines(True) if "fe80:" not in line))
+    return "\n---\n".join(parts)
+
+
+def test_del_of_a_tproxy_pod_removes_rules_routes_and_address(
+    api: FakeApi, run_dir: Path, pod_ns6: str
+) -> None:
+    pod = the_pod(annotations={"sidecar.istio.io/interceptionMode": "TPROXY"})
+    pod["spec"]["containers"][1]["env"] = [{"name": "ISTIO_DUAL_STACK", "value": "true"}]
+    api.pods[POD] = pod
+    conf = netconf(run_dir)
+    before = routing(pod_ns6)
+    ok(run_plugin(cni_env("ADD", pod_ns6), conf))
+    added = routing(pod_ns6)
+    assert added.count("fwmark 0x539 lookup 133") == 2, added
+    assert added.count("local default dev lo table 133") == 2 and "::6/128" in added, added
+    assert ":ISTIO_TPROXY" in iptables_save(pod_ns6, ipv6=True)
+
+    assert ok(run_plugin(cni_env("DEL", pod_ns6), conf)).strip() == ""
+
+    assert routing(pod_ns6) == before
+    assert istio_lines(iptables_save(pod_ns6)) == istio_lines(iptables_save(pod_ns6, True)) == []
+
+
+def test_del_removes_nft_tables_whatever_the_config_says(run_dir: Path, pod_ns: str) -> None:
+    before = netns_state(pod_ns)
+    ok(run_plugin(cni_env("ADD", pod_ns), netconf(run_dir, native_nftables=True)))
+    assert NFT_TABLE in nft_tables(pod_ns)
+
+    ok(run_plugin(cni_env("DEL", pod_ns), netconf(run_dir)))  # no native_nftables here
+
+    assert netns_state(pod_ns) == before
+
+
+def test_del_of_the_plugins_own_namespace_is_refused(run_dir: Path) -> None:
+    error = cni_error(run_plugin(cni_env("DEL", "/proc/self/ns/net"), netconf(run_dir)))
+    assert error["code"] == 4 and "should not be the same" in error["msg"], error
+
+
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_del_with_a_cni_netns_that_is_not_a_namespace_succeeds(
+    run_dir: Path, tmp_path: Path, kind: str
+) -> None:
+    not_a_namespace = tmp_path / "not-a-netns"
+    if kind == "file":
+        not_a_namespace.write_text("")
+    else:
+        not_a_namespace.mkdir()
+
+    result = run_plugin(cni_env("DEL", str(not_a_namespace)), netconf(run_dir))
+
+    assert ok(result).strip() == ""
+    assert "error" not in result.stderr
+
+
 def test_native_nftables_add_check_del(run_dir: Path, pod_ns: str) -> None:
     conf = netconf(run_dir, native_nftables=True)
     before_iptables = iptables_save(pod_ns)
@@ -486,6 +553,33 @@ def test_invalid_annotation_fails_naming_it(
     error = cni_error(run_plugin(cni_env("ADD", pod_ns), netconf(run_dir)))
     assert annotation in error["msg"], error
     assert value in error["msg"], error
+    assert netns_state(pod_ns) == before
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("pod_fetch_attempts", "abc"),
+        ("pod_fetch_attempts", 0),
+        ("pod_fetch_attempts", 2.5),
+        ("pod_fetch_interval", "soon"),
+        ("pod_fetch_interval", -1),
+    ],
+)
+def test_bad_netconf_number_fails_naming_the_field(
+    api: FakeApi, run_dir: Path, pod_ns: str, field: str, value: object
+) -> None:
+    before = netns_state(pod_ns)
+    conf = json.loads(netconf(run_dir))
+    conf[field] = value
+
+    error = cni_error(run_plugin(cni_env("ADD", pod_ns), json.dumps(conf)))
+
+    assert error["code"] == 7, error
+    assert field in error["msg"] and json.dumps(value) in error["msg"], error
+    assert "panicked" not in error["msg"], error
+    assert error["cniVersion"] == "1.0.0", error
+    assert api.requests == []
     assert netns_state(pod_ns) == before
 
 

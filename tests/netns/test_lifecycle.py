@@ -10,6 +10,7 @@ found" means the namespace's whole state: iptables-save of both backends and bot
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 import secrets
@@ -58,13 +59,6 @@ ROUTING = {
 COUNTERS = re.compile(r"\[\d+:\d+\]")
 NFT_COUNTERS = re.compile(r"packets \d+ bytes \d+")
 USER_CHAIN = re.compile(r"^:\S+ - ")
-
-ISTIO_VALIDATION_MESSAGE = """\
-iptables validation failed; workload is not ready for Istio.
-When using Istio CNI, this can occur if a pod is scheduled before the node is ready.
-
-If installed with 'cni.repair.deletePods=true', this pod should automatically be deleted and retry.
-Otherwise, this pod will need to be manually removed so that it is scheduled on a node with istio-cni running, allowing iptables rules to be established."""  # noqa: E501 - Istio's text
 
 # Rules of another owner in every table meshnet may touch, each with a chain of its own and
 # rules in the built-in chains meshnet appends to. Valid for both families (no addresses).
@@ -405,6 +399,133 @@ def test_clean_without_rules_changes_nothing(topology: Topology, backend: str) -
     assert_same_state(namespace_state(topology), before)
 
 
+# What `clean` must remove whatever flags it is given: each set installs something the others
+# do not (TPROXY marks and routes with a non-default mark/table, -c/-k returns, DNS in raw,
+# --drop-invalid, ::6, nftables tables).
+RICH_TPROXY = (
+    *TPROXY_DUAL,
+    *("-t", "1400", "-r", "144", "-c", "eth9", "-k", "eth7", "--drop-invalid"),
+    *("--redirect-dns", "--dns-servers", "192.0.2.53,2001:db8::53"),
+)
+SWEEP_APPLIES = {
+    "tproxy-dual": TPROXY_DUAL,
+    "tproxy-rich": RICH_TPROXY,
+    "redirect-dual": STANDARD_DUAL,
+    "nft-tproxy-dual": (*TPROXY_DUAL, "--native-nftables"),
+}
+SWEEP_CLEANS = {
+    "no-flags": (),
+    "tproxy-only": ("-m", "TPROXY"),
+    "standard": STANDARD,
+}
+# Policy routing of another owner: a fwmark rule whose table has no local default route, a
+# rule by source, and a `local default dev lo` route in a table no rule uses.
+FOREIGN_ROUTING = (
+    ("-4", "rule", "add", "fwmark", "0x7", "lookup", "200", "priority", "100"),
+    ("-6", "rule", "add", "fwmark", "0x7", "lookup", "200", "priority", "100"),
+    ("-4", "route", "add", "blackhole", "default", "table", "200"),
+    ("-6", "route", "add", "blackhole", "default", "table", "200"),
+    ("-4", "rule", "add", "from", "192.0.2.77", "lookup", "201", "priority", "101"),
+    ("-4", "route", "add", "local", "default", "dev", "lo", "table", "202"),
+)
+FOREIGN_NFT = """\
+table inet foreign {
+    chain out {
+        type filter hook output priority 0;
+        tcp dport 9011 accept
+    }
+}
+"""
+
+
+def add_foreign_state(topo: Topology, backend: str) -> None:
+    """Foreign rules in all four tables of both families, foreign routing, a foreign nft table."""
+    add_foreign_rules(topo, backend)
+    for argv in FOREIGN_ROUTING:
+        subprocess.run(["ip", "-n", topo.pod_ns, *argv], check=True, timeout=10)
+    topo.exec(topo.pod_ns, ["nft", "-f", "-"], input=FOREIGN_NFT, check=True)
+
+
+def assert_istio_state_present(state: dict[str, str], backend: str, applied: str) -> None:
+    """What the apply under test must have installed (so that its removal means something)."""
+    if applied.startswith("nft"):
+        assert "table inet istio-proxy-nat" in state["nft"]
+        assert "table inet istio-proxy-mangle" in state["nft"]
+    else:
+        for saver in (f"iptables-{backend}-save", f"ip6tables-{backend}-save"):
+            assert ":ISTIO_INBOUND" in state[saver], state[saver]
+    if "tproxy" in applied:
+        mark, table = ("0x578", "144") if applied == "tproxy-rich" else ("0x539", "133")
+        for family in "46":
+            assert f"fwmark {mark} lookup {table}" in state[f"rules{family}"]
+            assert f"local default dev lo table {table}" in state[f"routes{family}"]
+    assert "::6/128" in state["lo"]
+
+
+@backend_param
+@pytest.mark.parametrize("applied", SWEEP_APPLIES)
+@pytest.mark.parametrize("cleaned", SWEEP_CLEANS)
+def test_clean_removes_everything_whatever_flags(
+    topology: Topology, backend: str, applied: str, cleaned: str
+) -> None:
+    add_foreign_state(topology, backend)
+    before = namespace_state(topology)
+    assert_ok(run_meshnet(topology, "istio-iptables", SWEEP_APPLIES[applied], backend=backend))
+    assert_istio_state_present(namespace_state(topology), backend, applied)
+
+    assert_ok(run_meshnet(topology, "clean", SWEEP_CLEANS[cleaned]))
+
+    assert_same_state(namespace_state(topology), before)
+
+
+@backend_param
+def test_clean_dry_run_prints_the_removal_and_changes_nothing(
+    topology: Topology, backend: str
+) -> None:
+    add_foreign_state(topology, backend)
+    assert_ok(run_meshnet(topology, "istio-iptables", RICH_TPROXY, backend=backend))
+    applied = namespace_state(topology)
+
+    shown = run_meshnet(topology, "clean", ("--dry-run",))
+
+    assert_ok(shown)
+    assert_same_state(namespace_state(topology), applied)
+    for family in ("iptables", "ip6tables"):
+        assert f"# {family}-{backend}-restore --noflush" in shown.stdout
+    for line in (
+        "-D PREROUTING -p tcp -j ISTIO_INBOUND",
+        "-D OUTPUT -j ISTIO_OUTPUT_DNS",
+        "-D PREROUTING -i eth9 -j RETURN",
+        "-X ISTIO_DIVERT",
+        "-X ISTIO_TPROXY",
+        "ip -6 route del local default dev lo table 144",
+        "ip -6 addr del ::6/128 dev lo",
+    ):
+        assert line in shown.stdout.splitlines(), f"{line!r} not in\n{shown.stdout}"
+    rule_lines = [line for line in shown.stdout.splitlines() if " rule del " in line]
+    assert len(rule_lines) == 2 and all("fwmark 0x578 lookup 144" in r for r in rule_lines)
+    assert "FOREIGN" not in shown.stdout and "lookup 200" not in shown.stdout
+
+
+def test_clean_dry_run_of_a_clean_namespace_says_so(topology: Topology) -> None:
+    shown = run_meshnet(topology, "clean", ("--dry-run",))
+
+    assert_ok(shown)
+    assert shown.stdout.startswith("# nothing to remove")
+
+
+@backend_param
+def test_cleanup_only_keeps_istios_flag_scoped_semantics(topology: Topology, backend: str) -> None:
+    """istio-iptables --cleanup-only removes only what its own flags install, as Istio does."""
+    flags = (*STANDARD, "-m", "TPROXY")
+    assert_ok(run_meshnet(topology, "istio-iptables", flags, backend=backend))
+
+    assert_ok(run_meshnet(topology, "istio-iptables", ("--cleanup-only",), backend=backend))
+
+    left = namespace_state(topology)[f"iptables-{backend}-save"]
+    assert ":ISTIO_DIVERT" in left and ":ISTIO_TPROXY" in left, left
+
+
 # --------------------------------------------------------------------------- 4. detection
 
 
@@ -587,8 +708,10 @@ def test_missing_iptables_binary_fails_and_changes_nothing(
         ((*STANDARD, "-p", "0"), 1, '"0" for -p/--envoy-port'),
         ((*STANDARD, "-b", "80,x"), 1, '"80,x" for -b/--istio-inbound-ports'),
         ((*STANDARD, "--no-such-flag"), 255, "--no-such-flag"),
+        ((*STANDARD, "--output-format", "json"), 1, "--output-format 'json' only chooses"),
+        ((*STANDARD, "--output-format", "nft"), 1, "add --dry-run"),
     ],
-    ids=["port-0", "bad-port-list", "unknown-flag"],
+    ids=["port-0", "bad-port-list", "unknown-flag", "format-without-dry-run", "nft-format"],
 )
 def test_bad_arguments_fail_and_change_nothing(
     topology: Topology, flags: tuple[str, ...], code: int, named: str
@@ -626,16 +749,54 @@ def test_validation_passes_as_proxy_uid_after_apply(
     assert_same_state(namespace_state(topology), applied)
 
 
+def assert_validation_failure_explained(result: subprocess.CompletedProcess[str]) -> None:
+    """Exit 126 and one line saying what was checked and what to do."""
+    assert result.returncode == 126, result.stderr
+    assert "validation failed: a connection from uid 1337 gid 1337 to 127.0.0.6:15002" in (
+        result.stderr
+    )
+    assert "`meshnet istio-iptables`" in result.stderr and "`meshnet verify`" in result.stderr
+
+
 @validate_param
-def test_validation_fails_with_istios_message_without_rules(topology: Topology, how: str) -> None:
+def test_validation_fails_as_proxy_uid_without_rules(topology: Topology, how: str) -> None:
     before = namespace_state(topology)
 
     result = run_in_pod_as_proxy(
         topology, [*VALIDATE_COMMANDS[how], *STANDARD, "--probe-timeout", "2s"]
     )
 
-    assert result.returncode == 126, result.stderr
-    assert ISTIO_VALIDATION_MESSAGE in result.stderr
+    assert_validation_failure_explained(result)
+    assert_same_state(namespace_state(topology), before)
+
+
+@backend_param
+@validate_param
+def test_validation_as_root_passes_with_rules(topology: Topology, backend: str, how: str) -> None:
+    assert_ok(run_meshnet(topology, "istio-iptables", STANDARD, backend=backend))
+    applied = namespace_state(topology)
+
+    result = run_meshnet(topology, VALIDATE_COMMANDS[how][0], STANDARD, *VALIDATE_COMMANDS[how][1:])
+
+    assert_ok(result)
+    assert "client='uid 1337 gid 1337'" in result.stderr
+    assert_same_state(namespace_state(topology), applied)
+
+
+@validate_param
+def test_validation_as_root_fails_without_rules(topology: Topology, how: str) -> None:
+    before = namespace_state(topology)
+
+    result = run_meshnet(
+        topology,
+        VALIDATE_COMMANDS[how][0],
+        STANDARD,
+        *VALIDATE_COMMANDS[how][1:],
+        "--probe-timeout",
+        "2s",
+    )
+
+    assert_validation_failure_explained(result)
     assert_same_state(namespace_state(topology), before)
 
 
@@ -658,3 +819,32 @@ def test_verify_names_a_rule_deleted_by_hand(topology: Topology, backend: str) -
     assert named and all("missing" in line and "ISTIO_INBOUND" in line for line in named), (
         drifted.stdout
     )
+
+
+@backend_param
+@pytest.mark.parametrize("flag", ["--output", "--output-format"])
+def test_verify_json_names_the_backend(topology: Topology, backend: str, flag: str) -> None:
+    assert_ok(run_meshnet(topology, "istio-iptables", STANDARD_DUAL, backend=backend))
+
+    in_sync = run_meshnet(topology, "verify", STANDARD_DUAL, flag, "json", backend=backend)
+    delete = ["-t", "nat", "-D", "ISTIO_INBOUND", "-p", "tcp", "--dport", "15021", "-j", "RETURN"]
+    topology.exec(topology.pod_ns, [f"ip6tables-{backend}", *delete, "--wait"], check=True)
+    drifted = run_meshnet(topology, "verify", STANDARD_DUAL, flag, "json", backend=backend)
+
+    assert in_sync.returncode == 0, in_sync.stderr
+    backends = {"ipv4": f"iptables-{backend}", "ipv6": f"ip6tables-{backend}"}
+    assert json.loads(in_sync.stdout) == {"in_sync": True, "backend": backends, "differences": []}
+    assert drifted.returncode == 3, drifted.stderr
+    report = json.loads(drifted.stdout)
+    assert report["in_sync"] is False and report["backend"] == backends
+    assert report["differences"] and all(d.startswith("ipv6 ") for d in report["differences"])
+    assert any("--dport 15021 -j RETURN" in d for d in report["differences"])
+
+
+def test_verify_text_names_the_backend(topology: Topology) -> None:
+    assert_ok(run_meshnet(topology, "istio-iptables", STANDARD, backend="legacy"))
+
+    result = run_meshnet(topology, "verify", STANDARD, backend="legacy")
+
+    assert result.returncode == 0, result.stderr
+    assert "in sync" in result.stdout and "ipv4 iptables-legacy" in result.stdout
