@@ -1,17 +1,18 @@
 """One Kubernetes GET per pod, with the plugin's kubeconfig: stdlib only.
 
 The plugin runs once per pod sandbox, possibly 110 at once on a node; a Kubernetes client
-library costs 0.5-1.4 s per process here (DESIGN.md), urllib ~0.09 s.
+library costs 0.5-1.4 s per process here, http.client ~0.09 s.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import ssl
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,30 +83,77 @@ class _Transient(Exception):
 
 
 def _get_once(config: Kubeconfig, namespace: str, name: str) -> dict[str, Any]:
-    url = f"{config.server.rstrip('/')}/api/v1/namespaces/{namespace}/pods/{name}"
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    url = urllib.parse.urlsplit(config.server)
+    path = f"{url.path.rstrip('/')}/api/v1/namespaces/{namespace}/pods/{name}"
+    headers = {"Accept": "application/json"}
     if config.token:
-        request.add_header("Authorization", f"Bearer {config.token}")
+        headers["Authorization"] = f"Bearer {config.token}"
+    while True:
+        connection, kept = _connection(config, url)
+        try:
+            connection.request("GET", path, headers=headers)
+            response = connection.getresponse()
+            body = response.read()
+        except (http.client.HTTPException, OSError) as err:
+            connection.close()
+            if kept:
+                continue  # the server closed a kept-alive connection: once more on a new one
+            raise _Transient(str(err)) from None
+        if not response.will_close:
+            _give_back(config, connection)
+        break
+    if response.status in (401, 403, 404):  # definitive: retrying cannot help
+        raise KubeError(
+            f"failed to get pod {namespace}/{name}: HTTP {response.status} {response.reason}"
+        )
+    if response.status != 200:
+        raise _Transient(f"HTTP {response.status} {response.reason}")
     try:
-        with urllib.request.urlopen(request, timeout=5, context=_tls(config)) as response:
-            pod: dict[str, Any] = json.load(response)
-            return pod
-    except urllib.error.HTTPError as err:
-        if err.code in (401, 403, 404):  # definitive: retrying cannot help
-            raise KubeError(
-                f"failed to get pod {namespace}/{name}: HTTP {err.code} {err.reason}"
-            ) from None
-        raise _Transient(f"HTTP {err.code} {err.reason}") from None
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        raise _Transient(str(getattr(err, "reason", err))) from None
+        pod: dict[str, Any] = json.loads(body)
+    except ValueError as err:
+        raise _Transient(str(err)) from None
+    return pod
+
+
+# Kept-alive connections and TLS contexts, shared by the threads of a resident agent (one
+# process serving many pods); a standalone plugin process uses one of each and exits.
+_LOCK = threading.Lock()
+_IDLE: dict[tuple[str, str], list[http.client.HTTPConnection]] = {}
+_CONTEXTS: dict[tuple[bytes | None, bool], ssl.SSLContext] = {}
+
+
+def _connection(
+    config: Kubeconfig, url: urllib.parse.SplitResult
+) -> tuple[http.client.HTTPConnection, bool]:
+    """An idle connection to the server (True: kept alive from an earlier GET) or a new one."""
+    with _LOCK:
+        idle = _IDLE.get((config.server, config.token))
+        if idle:
+            return idle.pop(), True
+    host, port = url.hostname or "", url.port
+    context = _tls(config)
+    if context is None:
+        return http.client.HTTPConnection(host, port, timeout=5), False
+    return http.client.HTTPSConnection(host, port, timeout=5, context=context), False
+
+
+def _give_back(config: Kubeconfig, connection: http.client.HTTPConnection) -> None:
+    with _LOCK:
+        _IDLE.setdefault((config.server, config.token), []).append(connection)
 
 
 def _tls(config: Kubeconfig) -> ssl.SSLContext | None:
     if not config.server.startswith("https:"):
         return None
+    key = (config.ca_data, config.insecure)
+    with _LOCK:
+        if key in _CONTEXTS:
+            return _CONTEXTS[key]
     if config.insecure:
-        return ssl._create_unverified_context()  # the kubeconfig asks for it explicitly
-    context = ssl.create_default_context()
-    if config.ca_data:
-        context.load_verify_locations(cadata=config.ca_data.decode())
-    return context
+        context = ssl._create_unverified_context()  # the kubeconfig asks for it explicitly
+    else:
+        context = ssl.create_default_context()
+        if config.ca_data:
+            context.load_verify_locations(cadata=config.ca_data.decode())
+    with _LOCK:
+        return _CONTEXTS.setdefault(key, context)
