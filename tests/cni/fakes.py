@@ -8,6 +8,7 @@ import secrets
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,17 +19,41 @@ TOKEN = "test-token-" + secrets.token_hex(4)
 
 
 class FakeApi:
-    """Serves pods at /api/v1/namespaces/NS/pods/NAME; checks the bearer token."""
+    """Serves pods at /api/v1/namespaces/NS/pods/NAME; checks the bearer token.
 
-    def __init__(self) -> None:
+    keep_alive: HTTP/1.1 with kept-alive connections (`clients` records each connection's
+    address); `delay` seconds before each answer; `most_at_once` GETs in progress together.
+    """
+
+    def __init__(self, keep_alive: bool = False) -> None:
         self.pods: dict[tuple[str, str], dict[str, Any]] = {}
         self.requests: list[str] = []
         self.status_override: int | None = None
+        self.clients: set[tuple[str, int]] = set()
+        self.delay = 0.0
+        self.most_at_once = 0
+        self._at_once = 0
+        self._lock = threading.Lock()
         api = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+
             def do_GET(self) -> None:
                 api.requests.append(self.path)
+                api.clients.add(self.client_address)
+                with api._lock:
+                    api._at_once += 1
+                    api.most_at_once = max(api.most_at_once, api._at_once)
+                try:
+                    if api.delay:
+                        time.sleep(api.delay)
+                    self._answer()
+                finally:
+                    with api._lock:
+                        api._at_once -= 1
+
+            def _answer(self) -> None:
                 if self.headers.get("Authorization") != f"Bearer {TOKEN}":
                     return self._reply(401, {"message": "Unauthorized"})
                 if api.status_override is not None:
