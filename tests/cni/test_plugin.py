@@ -2,6 +2,8 @@
 
 Every test that touches a namespace makes its own (and always deletes it); the Kubernetes API
 is `FakeApi` on 127.0.0.1. Rules are applied for real and read back with iptables-save / nft.
+Every test runs twice, through the installed plugin (the C forwarder): once served by a
+resident `meshnet cni agent`, once with no agent, so the forwarder runs the standalone plugin.
 SPEC-istio §5.1-5.2, SPEC.md §6.
 """
 
@@ -9,14 +11,21 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from meshnet.cni.plugin import KUBECONFIG_NAME
+from tests.cni.agents import Agent, forwarder_dir, run_forwarder
 from tests.cni.fakes import (
     FakeApi,
     cni_env,
@@ -24,7 +33,6 @@ from tests.cni.fakes import (
     mesh_pod,
     netns_state,
     pod_namespace,
-    run_plugin,
     write_kubeconfig,
 )
 from tests.netns.harness import V4, Topology, require_root_netns
@@ -103,6 +111,72 @@ def nft_tables(ns: str) -> list[str]:
     return [line.split()[-1] for line in out.stdout.splitlines() if line.startswith("table")]
 
 
+# --------------------------------------------------------------------------- the two paths
+
+
+def run_plugin(
+    env: dict[str, str], stdin: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    raise AssertionError("replaced by the `path` fixture")
+
+
+@pytest.fixture(scope="module")
+def forwarder() -> Iterator[Path]:
+    with forwarder_dir() as path:
+        yield path
+
+
+@pytest.fixture(scope="module")
+def module_agent() -> Iterator[Agent]:
+    with tempfile.TemporaryDirectory(prefix="meshnet-agent-") as tmp:
+        with Agent(Path(tmp) / "run") as agent:
+            yield agent
+
+
+@pytest.fixture(params=["agent", "fallback"], autouse=True)
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, forwarder: Path) -> str:
+    """Route every `run_plugin` of the test through the forwarder, to the agent or not."""
+    if request.param == "agent":
+        agent: Agent = request.getfixturevalue("module_agent")
+        runner = partial(_through_agent, forwarder, agent.run_dir)
+    else:
+        runner = partial(_through_fallback, forwarder)
+    monkeypatch.setattr(sys.modules[__name__], "run_plugin", runner)
+    return str(request.param)
+
+
+def _through_agent(
+    forwarder: Path, agent_dir: Path, env: dict[str, str], stdin: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """The test's netconf, pointed at the shared agent's run dir, which gets the kubeconfig of
+    the test's run dir (or none, as there)."""
+    try:
+        conf = json.loads(stdin)
+    except ValueError:
+        conf = None  # no run dir to find: the forwarder falls back, as it must
+    if isinstance(conf, dict):
+        given = agent_dir / KUBECONFIG_NAME
+        source = Path(str(conf.get("cni_agent_run_dir"))) / KUBECONFIG_NAME
+        if source.exists():
+            shutil.copyfile(source, given)
+        else:
+            given.unlink(missing_ok=True)
+        stdin = json.dumps({**conf, "cni_agent_run_dir": str(agent_dir)})
+    result = run_forwarder(forwarder, env, stdin, timeout)
+    if conf is not None:
+        assert "agent unreachable" not in result.stderr, result.stderr
+    return result
+
+
+def _through_fallback(
+    forwarder: Path, env: dict[str, str], stdin: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    result = run_forwarder(forwarder, env, stdin, timeout)
+    if env.get("CNI_COMMAND") not in (None, "", "VERSION"):
+        assert "agent unreachable; running the standalone plugin" in result.stderr
+    return result
+
+
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -156,7 +230,9 @@ def test_status_is_ok_when_a_backend_is_installed(tmp_path: Path, nft: bool) -> 
     assert ok(run_plugin({"CNI_COMMAND": "STATUS"}, conf)).strip() == ""
 
 
-def test_status_fails_with_code_50_when_the_backend_is_missing(tmp_path: Path) -> None:
+def test_status_fails_with_code_50_when_the_backend_is_missing(tmp_path: Path, path: str) -> None:
+    if path == "agent":
+        pytest.skip("the agent runs the tools from its own PATH, not the caller's")
     # PATH without nft (nor iptables): the plugin must say it is not available.
     empty = tmp_path / "bin"
     empty.mkdir()
