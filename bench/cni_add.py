@@ -288,7 +288,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "loadavg_before": [round(x, 2) for x in load_before]},
         "runs": args.runs,
         "loads": loads,
-        "fallback": "PyInstaller build" if args.dist else "venv python -m meshnet.cni",
+        "fallback_plugin": "PyInstaller build" if args.dist else "venv python -m meshnet.cni",
     }
     with tempfile.TemporaryDirectory(prefix="meshnet-bench-") as tmp:
         work = Path(tmp)
@@ -340,7 +340,7 @@ def main() -> None:
 
 def print_table(report: dict[str, Any]) -> None:
     print(f"CNI latency in seconds, p50 (p99) ({report['machine']['cpus']} CPUs)")
-    print(f"fallback: {report['fallback']}")
+    print(f"fallback plugin: {report['fallback_plugin']}")
     head = f"{'path':9} {'pods':>5} {'bridge ADD':>15} {'meshnet ADD':>15} {'meshnet DEL':>15}"
     print(head + f" {'ADD/bridge':>10} {'fail':>5}")
     for path in ("agent", "fallback"):
