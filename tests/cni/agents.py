@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from meshnet.cni.plugin import KUBECONFIG_NAME
 from tests.support import REPO
 
 SOCKET_NAME = "meshnet-cni.sock"
@@ -128,6 +129,38 @@ def run_forwarder(
         timeout=timeout,
         check=False,
     )
+
+
+def through_agent(
+    forwarder: Path, agent_dir: Path, env: dict[str, str], stdin: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """The test's netconf, pointed at the shared agent's run dir, which gets the kubeconfig of
+    the test's run dir (or none, as there)."""
+    try:
+        conf = json.loads(stdin)
+    except ValueError:
+        conf = None  # no run dir to find: the forwarder falls back, as it must
+    if isinstance(conf, dict):
+        given = agent_dir / KUBECONFIG_NAME
+        source = Path(str(conf.get("cni_agent_run_dir"))) / KUBECONFIG_NAME
+        if source.exists():
+            shutil.copyfile(source, given)
+        else:
+            given.unlink(missing_ok=True)
+        stdin = json.dumps({**conf, "cni_agent_run_dir": str(agent_dir)})
+    result = run_forwarder(forwarder, env, stdin, timeout)
+    if conf is not None:
+        assert "agent unreachable" not in result.stderr, result.stderr
+    return result
+
+
+def through_fallback(
+    forwarder: Path, env: dict[str, str], stdin: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    result = run_forwarder(forwarder, env, stdin, timeout)
+    if env.get("CNI_COMMAND") not in (None, "", "VERSION"):
+        assert "agent unreachable; running the standalone plugin" in result.stderr
+    return result
 
 
 @contextmanager

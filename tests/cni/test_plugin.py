@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -24,8 +23,7 @@ from typing import Any
 
 import pytest
 
-from meshnet.cni.plugin import KUBECONFIG_NAME
-from tests.cni.agents import Agent, forwarder_dir, run_forwarder
+from tests.cni.agents import Agent, forwarder_dir, through_agent, through_fallback
 from tests.cni.fakes import (
     FakeApi,
     cni_env,
@@ -138,43 +136,11 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, forwar
     """Route every `run_plugin` of the test through the forwarder, to the agent or not."""
     if request.param == "agent":
         agent: Agent = request.getfixturevalue("module_agent")
-        runner = partial(_through_agent, forwarder, agent.run_dir)
+        runner = partial(through_agent, forwarder, agent.run_dir)
     else:
-        runner = partial(_through_fallback, forwarder)
+        runner = partial(through_fallback, forwarder)
     monkeypatch.setattr(sys.modules[__name__], "run_plugin", runner)
     return str(request.param)
-
-
-def _through_agent(
-    forwarder: Path, agent_dir: Path, env: dict[str, str], stdin: str, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    """The test's netconf, pointed at the shared agent's run dir, which gets the kubeconfig of
-    the test's run dir (or none, as there)."""
-    try:
-        conf = json.loads(stdin)
-    except ValueError:
-        conf = None  # no run dir to find: the forwarder falls back, as it must
-    if isinstance(conf, dict):
-        given = agent_dir / KUBECONFIG_NAME
-        source = Path(str(conf.get("cni_agent_run_dir"))) / KUBECONFIG_NAME
-        if source.exists():
-            shutil.copyfile(source, given)
-        else:
-            given.unlink(missing_ok=True)
-        stdin = json.dumps({**conf, "cni_agent_run_dir": str(agent_dir)})
-    result = run_forwarder(forwarder, env, stdin, timeout)
-    if conf is not None:
-        assert "agent unreachable" not in result.stderr, result.stderr
-    return result
-
-
-def _through_fallback(
-    forwarder: Path, env: dict[str, str], stdin: str, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    result = run_forwarder(forwarder, env, stdin, timeout)
-    if env.get("CNI_COMMAND") not in (None, "", "VERSION"):
-        assert "agent unreachable; running the standalone plugin" in result.stderr
-    return result
 
 
 # --------------------------------------------------------------------------- fixtures
