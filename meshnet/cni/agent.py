@@ -258,7 +258,10 @@ class Pool:
 
     def _work(self) -> None:
         while (job := self._next()) is not None:
-            job.output, job.code = plugin.respond(job.request.stdin, job.request.env)
+            try:
+                job.output, job.code = plugin.respond(job.request.stdin, job.request.env)
+            except BaseException as err:  # respond() catches Exception; keep the worker anyway
+                job.output, job.code = _error(job.request, f"agent worker failed: {err!r}")
             seconds = time.monotonic() - job.taken
             job.done.set()
             depth = self._finish(job)
@@ -451,14 +454,18 @@ class Agent:
 
 
 def _deadline_error(request: Request, deadline: float) -> tuple[str, int]:
+    return _error(
+        request, f"{request.command} did not finish within its deadline of {deadline:g} s"
+    )
+
+
+def _error(request: Request, what: str) -> tuple[str, int]:
+    """A CNI error document in the call's config version, as the plugin prints one."""
     try:
         version = str(json.loads(request.stdin).get("cniVersion", "1.1.0"))
     except (ValueError, AttributeError):
         version = "1.1.0"
-    message = (
-        f"{plugin.PLUGIN_TYPE} agent: {request.command} did not finish within its deadline "
-        f"of {deadline:g} s"
-    )
+    message = f"{plugin.PLUGIN_TYPE} agent: {what}"
     document = {"cniVersion": version, "code": plugin.ERR_INTERNAL, "msg": message}
     return json.dumps(document, indent=4) + "\n", 1
 
