@@ -604,3 +604,17 @@ def test_add_captures_real_traffic(api: FakeApi, run_dir: Path) -> None:
         ok(run_plugin(cni_env("DEL", str(topo.pod_path)), netconf(run_dir)))
         after = topo.probe(topo.pod_ns, V4.peer, 80, uid=APP_UID, gid=APP_UID)
         assert after.landed_at("peer", 80), after.where
+
+
+def test_tproxy_pod_gets_its_policy_route_in_its_own_namespace(
+    api: FakeApi, run_dir: Path, pod_ns: str
+) -> None:
+    """The route is made over netlink (pyroute2), in the pod's namespace, not the caller's."""
+    api.pods[POD] = the_pod(annotations={"sidecar.istio.io/interceptionMode": "TPROXY"})
+    own_rules = subprocess.run(["ip", "rule"], capture_output=True, text=True, check=True).stdout
+    ok(run_plugin(cni_env("ADD", pod_ns), netconf(run_dir)))
+    assert "fwmark 0x539 lookup 133" in in_netns(pod_ns, ["ip", "rule"]).stdout
+    assert "local" in in_netns(pod_ns, ["ip", "route", "show", "table", "133"]).stdout
+    assert subprocess.run(["ip", "rule"], capture_output=True, text=True).stdout == own_rules
+    ok(run_plugin(cni_env("DEL", pod_ns), netconf(run_dir)))
+    assert "lookup 133" not in in_netns(pod_ns, ["ip", "rule"]).stdout
