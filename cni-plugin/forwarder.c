@@ -97,6 +97,19 @@ static int write_all(int fd, const char *data, size_t len) {
     return 0;
 }
 
+/* To the agent: MSG_NOSIGNAL, so an agent that closes early is an error here (and the call
+ * falls back), not a SIGPIPE that kills the forwarder without an answer. */
+static int send_all(int sock, const char *data, size_t len) {
+    while (len) {
+        ssize_t n = send(sock, data, len, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return -1;
+        data += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
 static int read_stdin(struct buffer *b) {
     char chunk[65536];
     for (;;) {
@@ -385,7 +398,7 @@ int main(int argc, char **argv) {
     struct timeval none = {0};
     setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &none, sizeof none);
     char ack = 0;
-    if (write_all(sock, request.data, request.len) < 0 || read_exactly(sock, &ack, 1) < 0 ||
+    if (send_all(sock, request.data, request.len) < 0 || read_exactly(sock, &ack, 1) < 0 ||
         ack != 'A') {
         const char *why = strerror(errno);
         close(sock);

@@ -84,6 +84,8 @@ class OneShotServer:
     def _serve(self) -> None:
         conn, _ = self.sock.accept()
         with conn:
+            if self.behaviour == "close-unread":
+                return
             self.request = agent_mod.read_request(conn)
             if self.behaviour == "close-after-ack":
                 conn.sendall(agent_mod.ACK)
@@ -136,15 +138,18 @@ def test_forwarder_reports_a_reply_lost_after_the_agent_took_the_call(
     assert "lost the agent's reply" in error["msg"] and str(run_dir) in error["msg"]
 
 
-@pytest.mark.parametrize("how", ["no-socket", "closed-before-ack"])
+@pytest.mark.parametrize("how", ["no-socket", "closed-before-ack", "closed-unread"])
 def test_forwarder_runs_the_standalone_plugin_when_the_agent_is_unreachable(
     forwarder: Path, run_dir: Path, how: str
 ) -> None:
-    server = OneShotServer(run_dir, "close") if how == "closed-before-ack" else None
+    server = None
+    if how != "no-socket":
+        server = OneShotServer(run_dir, "close" if how == "closed-before-ack" else "close-unread")
+    # A netconf too big for the socket buffers: the forwarder is still writing when the
+    # connection closes (an error, never a SIGPIPE).
+    conf = netconf(run_dir, cniVersion="1.1.0", padding="x" * (4 << 20))
     # STATUS needs no namespace and no API: the standalone plugin answers it itself.
-    result = run_forwarder(
-        forwarder, {"CNI_COMMAND": "STATUS"}, netconf(run_dir, cniVersion="1.1.0")
-    )
+    result = run_forwarder(forwarder, {"CNI_COMMAND": "STATUS"}, conf)
     if server is not None:
         server.close()
     assert (result.returncode, result.stdout) == (0, ""), result.stderr
