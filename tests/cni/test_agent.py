@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from meshnet import netns
+from meshnet import logs, netns
 from meshnet.cni import agent as agent_mod
 from meshnet.cni import plugin
 from tests.cni.agents import Agent, forwarder_dir, run_forwarder
@@ -383,3 +383,25 @@ def test_bad_settings_are_one_line_naming_the_variable(run_dir: Path) -> None:
     assert done.returncode == 1
     assert "MESHNET_CNI_AGENT_WORKERS='0'" in done.stderr
     assert not run_dir.exists()
+
+
+def test_a_failing_hook_is_logged_and_the_others_still_run(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[agent_mod.Finished] = []
+
+    def broken(finished: agent_mod.Finished) -> None:
+        raise RuntimeError("metrics down")
+
+    monkeypatch.setattr(logs._Settings, "light", logs._Settings.light)  # restored afterwards
+    logs.configure_light()
+    pool = agent_mod.Pool(1, [broken, seen.append], netns.current_inode())
+    job = agent_mod.Job(agent_mod.Request("VERSION", {"CNI_COMMAND": "VERSION"}, ""))
+    pool.submit(job)
+    assert job.done.wait(10)
+    pool.stop()
+    assert job.code == 0 and "supportedVersions" in job.output
+    assert [(f.command, f.exit_code, f.queue_depth, f.timed_out) for f in seen] == [
+        ("VERSION", 0, 0, False)
+    ]
+    assert "request hook failed" in capsys.readouterr().err
