@@ -530,10 +530,12 @@ def run(settings: Settings, hooks: Sequence[Hook] = ()) -> int:
     agent = Agent(settings, hooks)
     agent.start()
     try:
-        received = None
-        while received is None:
+        signo = 0
+        while signo not in _SIGNALS:
+            # None on timeout; under load this CPython has also returned si_signo 0 here
             received = signal.sigtimedwait(_SIGNALS, 1.0)
-        logs.get().info("signal received; stopping", signal=signal.Signals(received.si_signo).name)
+            signo = received.si_signo if received is not None else 0
+        logs.get().info("signal received; stopping", signal=signal.Signals(signo).name)
     finally:
         agent.stop()
     return 0
