@@ -1,19 +1,25 @@
-"""Benchmark: CNI ADD latency of `meshnet-cni`, against the reference bridge plugin's ADD.
+"""Benchmark: CNI ADD and DEL latency of `meshnet-cni`, through the agent and through its
+fallback, against the reference bridge plugin's ADD in the same run.
 
 Everything runs in a throw-away "node" namespace (entered by this process, so the plugin
 processes it starts run there, as under a runtime): the bridge plugin (with host-local IPAM on
-198.51.100.0/24) makes its bridge there, and a fake Kubernetes API listens on its 127.0.0.1.
-Each pod gets its own namespace. Per pod: bridge ADD (the reference, timed), then meshnet-cni
-ADD with the bridge's result as prevResult (timed: process start → rules applied → result
-printed → exit). Two loads, as in SPEC.md §7:
+198.51.100.0/24) makes its bridge there, a fake Kubernetes API listens on its 127.0.0.1, and
+`meshnet cni agent` serves the forwarder from there. Each pod gets its own namespace. Per pod:
+bridge ADD (the reference, timed), then meshnet-cni ADD with the bridge's result as prevResult
+(timed: process start -> rules applied -> result printed -> exit), meshnet-cni DEL (timed),
+bridge DEL (untimed). `meshnet-cni` is the installed forwarder (cni-plugin/build.sh); its
+fallback is this checkout's plugin under the venv's Python, or with `--dist OUT` the
+PyInstaller build in OUT.
 
-- 1 pod: `--runs` sequential pods (default 20);
-- `--pods` pods at once (default 110): all bridge ADDs started together, then all meshnet ADDs.
+Two paths, each at three loads: `agent` (the agent serves the forwarder) and `fallback` (the
+agent stopped: the forwarder execs the standalone plugin); 1 pod at a time (`--runs`
+sequential pods, default 10), 16 pods at once, 110 pods at once (all bridge ADDs started
+together, then all meshnet ADDs, then all DELs).
 
-Every meshnet ADD must exit 0, leave the 4 ISTIO nat chains in its pod, and log no lock error.
-Prints a table and writes bench/results/cni_add.json. Run as root:
+Every meshnet call must exit 0, every ADD leave the 4 ISTIO nat chains in its pod, and no call
+log a lock error. Prints a table and writes bench/results/cni_add.json. Run as root:
 
-    .venv/bin/python bench/cni_add.py [--runs 20] [--pods 110]
+    .venv/bin/python bench/cni_add.py [--runs 10] [--loads 1,16,110] [--dist OUT]
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from meshnet import netns  # noqa: E402
+from tests.cni.agents import Agent, build_forwarder, plugin_dir  # noqa: E402
 from tests.cni.fakes import (  # noqa: E402
     FakeApi,
     cni_env,
@@ -93,10 +100,13 @@ def meshnet_conf(work: Path, prev: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+PLUGIN: dict[str, Path] = {}  # "meshnet": the installed forwarder (set in main)
+
+
 def argv_for(plugin: str) -> list[str]:
     if plugin == "bridge":
         return ["/usr/lib/cni/bridge"]
-    return [sys.executable, "-m", "meshnet.cni"]
+    return [str(PLUGIN["meshnet"])]
 
 
 def run_concurrently(jobs: list[tuple[str, dict[str, str], str]]) -> list[Sample]:
@@ -188,30 +198,46 @@ def stats(samples: list[Sample]) -> dict[str, Any]:
 @dataclass
 class Round:
     bridge: list[Sample]
-    meshnet: list[Sample]
+    add: list[Sample]
+    delete: list[Sample]
     incomplete: int  # meshnet pods without their 4 ISTIO nat chains
+    fell_back: int  # meshnet calls the forwarder handed to the standalone plugin
+
+    def __iadd__(self, other: Round) -> Round:
+        self.bridge += other.bridge
+        self.add += other.add
+        self.delete += other.delete
+        self.incomplete += other.incomplete
+        self.fell_back += other.fell_back
+        return self
 
 
-def chain(work: Path, paths: list[str], first: int, concurrent: bool) -> Round:
-    """bridge ADDs, then meshnet ADDs (prevResult = bridge's), for pods first..first+n."""
+def run_jobs(jobs: list[tuple[str, dict[str, str], str]], concurrent: bool) -> list[Sample]:
+    return run_concurrently(jobs) if concurrent else [run_one(*job) for job in jobs]
+
+
+def chain(work: Path, paths: list[str], tag: str, concurrent: bool) -> Round:
+    """bridge ADDs, then meshnet ADDs (prevResult = bridge's), then meshnet DELs."""
     bridge_stdin = json.dumps(bridge_conf(work))
-    jobs = [("bridge", env_for("ADD", p, first + k), bridge_stdin) for k, p in enumerate(paths)]
-    bridge = run_concurrently(jobs) if concurrent else [run_one(*job) for job in jobs]
+
+    def env(command: str, k: int, path: str) -> dict[str, str]:
+        return {**env_for(command, path, k), "CNI_CONTAINERID": f"ctr-{tag}-{k:03d}"}
+
+    jobs = [("bridge", env("ADD", k, p), bridge_stdin) for k, p in enumerate(paths)]
+    bridge = run_jobs(jobs, concurrent)
     failed = [s.stderr or s.stdout for s in bridge if s.code != 0]
     if failed:
         sys.exit(f"bridge ADD failed: {failed[0]}")
-    prevs = [json.loads(s.stdout) for s in bridge]
-    jobs = [
-        ("meshnet", env_for("ADD", path, first + k), json.dumps(meshnet_conf(work, prev)))
-        for k, (path, prev) in enumerate(zip(paths, prevs, strict=True))
-    ]
-    mesh = run_concurrently(jobs) if concurrent else [run_one(*job) for job in jobs]
+    stdins = [json.dumps(meshnet_conf(work, json.loads(s.stdout))) for s in bridge]
+    jobs = [("meshnet", env("ADD", k, p), stdins[k]) for k, p in enumerate(paths)]
+    add = run_jobs(jobs, concurrent)
     incomplete = sum(1 for path in paths if not rules_complete(path))
+    jobs = [("meshnet", env("DEL", k, p), stdins[k]) for k, p in enumerate(paths)]
+    delete = run_jobs(jobs, concurrent)
     # give the addresses back (bridge DEL, host-local release), untimed
-    run_concurrently(
-        [("bridge", env_for("DEL", p, first + k), bridge_stdin) for k, p in enumerate(paths)]
-    )
-    return Round(bridge, mesh, incomplete)
+    run_concurrently([("bridge", env("DEL", k, p), bridge_stdin) for k, p in enumerate(paths)])
+    fell_back = sum(1 for s in add + delete if "running the standalone plugin" in s.stderr)
+    return Round(bridge, add, delete, incomplete, fell_back)
 
 
 @contextmanager
@@ -228,76 +254,106 @@ def node(work: Path, pods: int) -> Iterator[tuple[str, FakeApi]]:
             yield name, api
 
 
+def measure(
+    work: Path, node_name: str, paths: list[str], loads: list[int], runs: int, path: str
+) -> dict[str, Round]:
+    rounds: dict[str, Round] = {}
+    for load in loads:
+        rnd = Round([], [], [], 0, 0)
+        with netns.entered(node_name):
+            if load == 1:
+                for i in range(runs):
+                    rnd += chain(work, paths[i : i + 1], f"{path}-1-{i}", concurrent=False)
+            else:
+                rnd += chain(work, paths[:load], f"{path}-{load}", concurrent=True)
+        rounds[str(load)] = rnd
+    return rounds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=20, help="sequential single-pod ADDs")
-    parser.add_argument("--pods", type=int, default=110, help="concurrent pods")
+    parser.add_argument("--runs", type=int, default=10, help="sequential single-pod calls")
+    parser.add_argument("--loads", default="1,16,110", help="pods at once (comma list)")
+    parser.add_argument("--dist", type=Path, help="a cni-plugin/build.sh output dir to use")
     args = parser.parse_args()
+    loads = [int(x) for x in args.loads.split(",")]
     if os.geteuid() != 0:
         sys.exit("run as root: the benchmark creates network namespaces")
-    if args.runs + args.pods > 250:
-        sys.exit("--runs + --pods must fit in one /24")
+    pods = max([args.runs, *loads])
+    if pods > 250:
+        sys.exit("--runs and every load must fit in one /24")
 
     load_before = os.getloadavg()
-    single = Round([], [], 0)
-    with tempfile.TemporaryDirectory(prefix="meshnet-bench-") as tmp:
-        work = Path(tmp)
-        with node(work, args.runs + args.pods) as (node_name, _api):
-            suffix = node_name.split("-")[2]
-            for i in range(args.runs):
-                with netns_group([f"mnt-bench-{suffix}-s{i:03d}"], address=None) as paths:
-                    with netns.entered(node_name):
-                        one = chain(work, paths, i, concurrent=False)
-                single.bridge += one.bridge
-                single.meshnet += one.meshnet
-                single.incomplete += one.incomplete
-            names = [f"mnt-bench-{suffix}-c{i:03d}" for i in range(args.pods)]
-            with netns_group(names, address=None) as paths:
-                with netns.entered(node_name):
-                    many = chain(work, paths, args.runs, concurrent=True)
-
-    rows = {}
-    for key, rnd in (("one_pod", single), ("concurrent", many)):
-        rows[key] = {
-            "bridge": stats(rnd.bridge),
-            "meshnet": {**stats(rnd.meshnet), "incomplete": rnd.incomplete},
-        }
-    report = {
+    report: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "loadavg_before": [round(x, 2) for x in load_before]},
         "runs": args.runs,
-        "pods": args.pods,
-        **rows,
-        "ratio_meshnet_to_bridge_p50": {
-            key: round(row["meshnet"]["p50"] / row["bridge"]["p50"], 2) for key, row in rows.items()
-        },
+        "loads": loads,
+        "fallback_plugin": "PyInstaller build" if args.dist else "venv python -m meshnet.cni",
     }
+    with tempfile.TemporaryDirectory(prefix="meshnet-bench-") as tmp:
+        work = Path(tmp)
+        if args.dist:
+            PLUGIN["meshnet"] = args.dist.resolve() / "meshnet-cni"
+        else:
+            PLUGIN["meshnet"] = plugin_dir(work / "bin", build_forwarder(work / "build"))
+        with node(work, pods) as (node_name, _api):
+            suffix = node_name.split("-")[2]
+            names = [f"mnt-bench-{suffix}-p{i:03d}" for i in range(pods)]
+            with netns_group(names, address=None) as paths:
+                with Agent(work / "run", netns=node_name):
+                    served = measure(work, node_name, paths, loads, args.runs, "agent")
+                fallback = measure(work, node_name, paths, loads, args.runs, "fallback")
+    for path, rounds in (("agent", served), ("fallback", fallback)):
+        report[path] = {
+            load: {
+                "bridge_add": stats(rnd.bridge),
+                "meshnet_add": {**stats(rnd.add), "incomplete": rnd.incomplete},
+                "meshnet_del": stats(rnd.delete),
+                "fell_back": rnd.fell_back,
+                "ratio_add_to_bridge_p50": round(
+                    statistics.median(s.seconds for s in rnd.add)
+                    / statistics.median(s.seconds for s in rnd.bridge),
+                    2,
+                ),
+            }
+            for load, rnd in rounds.items()
+        }
     print_table(report)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwritten to {RESULTS.relative_to(REPO)}")
-    mesh_rows = [row["meshnet"] for row in rows.values()]
-    if any(r["failures"] or r["incomplete"] or r["lock_lines"] for r in mesh_rows):
-        sys.exit("meshnet-cni ADD failed, left incomplete rules or logged lock errors")
+    problems = []
+    for path in ("agent", "fallback"):
+        for load, row in report[path].items():
+            mesh = (row["meshnet_add"], row["meshnet_del"])
+            if (
+                any(r["failures"] or r["lock_lines"] for r in mesh)
+                or row["meshnet_add"]["incomplete"]
+            ):
+                problems.append(f"{path} at {load}: failures, incomplete rules or lock errors")
+            calls = row["meshnet_add"]["n"] + row["meshnet_del"]["n"]
+            if row["fell_back"] != (0 if path == "agent" else calls):
+                problems.append(f"{path} at {load}: {row['fell_back']} of {calls} fell back")
+    if problems:
+        sys.exit("; ".join(problems))
 
 
 def print_table(report: dict[str, Any]) -> None:
-    print(f"CNI ADD latency in seconds ({report['machine']['cpus']} CPUs)")
-    print(f"{'plugin, load':48} {'n':>4} {'p50':>7} {'p99':>7} {'max':>7} {'fail':>5}")
-    for label, key in (("1 pod", "one_pod"), (f"{report['pods']} concurrent", "concurrent")):
-        for plugin, name in (
-            ("bridge", "bridge + host-local (reference)"),
-            ("meshnet", "meshnet-cni"),
-        ):
-            row = report[key][plugin]
+    print(f"CNI latency in seconds, p50 (p99) ({report['machine']['cpus']} CPUs)")
+    print(f"fallback plugin: {report['fallback_plugin']}")
+    head = f"{'path':9} {'pods':>5} {'bridge ADD':>15} {'meshnet ADD':>15} {'meshnet DEL':>15}"
+    print(head + f" {'ADD/bridge':>10} {'fail':>5}")
+    for path in ("agent", "fallback"):
+        for load, row in report[path].items():
+            cells = [
+                f"{row[key]['p50']:.3f} ({row[key]['p99']:.3f})"
+                for key in ("bridge_add", "meshnet_add", "meshnet_del")
+            ]
+            fails = row["meshnet_add"]["failures"] + row["meshnet_del"]["failures"]
             print(
-                f"{name + ', ' + label:48} {row['n']:>4} {row['p50']:>7.3f} {row['p99']:>7.3f}"
-                f" {row['max']:>7.3f} {row['failures']:>5}"
+                f"{path:9} {load:>5} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15}"
+                f" {row['ratio_add_to_bridge_p50']:>9}x {fails:>5}"
             )
-    ratio = report["ratio_meshnet_to_bridge_p50"]
-    print(
-        f"meshnet/bridge p50: 1 pod {ratio['one_pod']}x, "
-        f"{report['pods']} concurrent {ratio['concurrent']}x"
-    )
 
 
 if __name__ == "__main__":

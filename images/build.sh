@@ -141,13 +141,14 @@ build_plugin() {
   rm -rf "$plugin_stage"
   mkdir -p "$(dirname "$plugin_stage")"
   if [ -n "${MESHNET_CNI_DIST:-}" ]; then
-    [ -x "$MESHNET_CNI_DIST/meshnet-cni/meshnet-cni" ] ||
-      die "MESHNET_CNI_DIST=$MESHNET_CNI_DIST holds no meshnet-cni/meshnet-cni"
-    cp -a "$MESHNET_CNI_DIST/meshnet-cni" "$plugin_stage"
+    [ -x "$MESHNET_CNI_DIST/meshnet-cni-standalone/meshnet-cni" ] ||
+      die "MESHNET_CNI_DIST=$MESHNET_CNI_DIST holds no meshnet-cni-standalone/meshnet-cni"
+    mkdir -p "$plugin_stage"
+    cp -a "$MESHNET_CNI_DIST/." "$plugin_stage/"
     return
   fi
   [ -x .venv/bin/python ] || die "no .venv: run scripts/setup.sh first"
-  timed "plugin build" bash cni-plugin/build.sh "$(dirname "$plugin_stage")" >/dev/null
+  timed "plugin build" bash cni-plugin/build.sh "$plugin_stage" >/dev/null
 }
 
 podman_build() { # podman_build DOCKERFILE IMAGE [extra args]
@@ -170,7 +171,7 @@ podman_build() { # podman_build DOCKERFILE IMAGE [extra args]
 build_init() { timed "init image" podman_build Dockerfile.init "localhost/meshnet-init:$tag"; }
 
 build_cni() {
-  [ -x "$plugin_stage/meshnet-cni" ] || build_plugin
+  [ -x "$plugin_stage/meshnet-cni-standalone/meshnet-cni" ] || build_plugin
   timed "cni image" podman_build Dockerfile.cni "localhost/meshnet-cni:$tag"
 }
 

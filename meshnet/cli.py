@@ -190,6 +190,16 @@ def cni_install() -> None:
     sys.exit(install.main([], os.environ))
 
 
+@cni.command("agent")
+def cni_agent() -> None:
+    """Serve the meshnet-cni forwarder's calls on <CNI_AGENT_RUN_DIR>/meshnet-cni.sock until
+    SIGTERM (options are env variables: CNI_AGENT_RUN_DIR, MESHNET_CNI_AGENT_WORKERS,
+    MESHNET_CNI_AGENT_DEADLINE, MESHNET_LOG_LEVEL)."""
+    from meshnet.cni import agent
+
+    sys.exit(agent.main(os.environ))
+
+
 @cli.command("demo")
 def demo() -> None:
     """Show interception end to end in throw-away namespaces (needs root; leaves nothing)."""

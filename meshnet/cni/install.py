@@ -370,12 +370,15 @@ def _write_failure(path: Path, err: OSError) -> str:
     return f"cannot write {path}: {err.strerror}{hint}"
 
 
+STANDALONE_DIR = "meshnet-cni-standalone"  # the forwarder's fallback, beside it (forwarder.c)
+
+
 def install_binary(source: Path, bin_dir: Path, name: str) -> Path:
     """Copy the plugin executable to `<bin_dir>/<name>`, mode 0755, atomically."""
     for stale in bin_dir.glob(f"{name}.tmp.*"):  # left by an interrupted copy
         stale.unlink(missing_ok=True)
-    real = source.resolve()  # the image may link the executable from the onedir build
-    if (real.parent / "_internal").is_dir():
+    real = source.resolve()  # the image links the executable from its build directory
+    if any((real.parent / part).is_dir() for part in ("_internal", STANDALONE_DIR)):
         return _install_onedir(real, bin_dir, name)
     try:
         data = source.read_bytes()
@@ -391,7 +394,9 @@ def install_binary(source: Path, bin_dir: Path, name: str) -> Path:
 
 
 def _install_onedir(source: Path, bin_dir: Path, name: str) -> Path:
-    """A PyInstaller onedir build: the executable needs its `_internal/` beside it.
+    """A build directory: the executable needs what is beside it, a PyInstaller onedir its
+    `_internal/`, the forwarder its standalone plugin in `meshnet-cni-standalone/` (it execs
+    that when the agent is unreachable, found from its own resolved path).
 
     The directory is copied to `<bin_dir>/<name>.d/<digest>/` (under a temporary name, then
     renamed), and `<bin_dir>/<name>` becomes a relative symlink to the executable in it,

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import json
 import os
 import ssl
+import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,12 +206,12 @@ def get_pod(
 ) -> dict[str, Any]:
     """GET the pod, retrying transient failures; fail closed when the budget is spent."""
     last = "no attempt made"
-    context = tls_context(config)
+    tls_context(config)  # a bad CA or client certificate fails before any attempt
     for attempt in range(max(1, attempts)):
         if attempt:
             time.sleep(interval)
         try:
-            return _get_once(config, context, namespace, name)
+            return _get_once(config, namespace, name)
         except _Transient as err:
             last = str(err)
     raise KubeError(
@@ -223,31 +223,74 @@ class _Transient(Exception):
     pass
 
 
-def _get_once(
-    config: Kubeconfig, context: ssl.SSLContext | None, namespace: str, name: str
-) -> dict[str, Any]:
-    url = f"{config.server.rstrip('/')}/api/v1/namespaces/{namespace}/pods/{name}"
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+def _get_once(config: Kubeconfig, namespace: str, name: str) -> dict[str, Any]:
+    url = urllib.parse.urlsplit(config.server)
+    path = f"{url.path.rstrip('/')}/api/v1/namespaces/{namespace}/pods/{name}"
+    headers = {"Accept": "application/json"}
     if config.token:
-        request.add_header("Authorization", f"Bearer {config.token}")
+        headers["Authorization"] = f"Bearer {config.token}"
+    while True:
+        connection, kept = _connection(config, url)
+        try:
+            connection.request("GET", path, headers=headers)
+            response = connection.getresponse()
+            body = response.read()
+        except (http.client.HTTPException, OSError) as err:
+            connection.close()
+            if kept:
+                continue  # the server closed a kept-alive connection: once more on a new one
+            raise _Transient(str(err)) from None
+        if not response.will_close:
+            _give_back(config, connection)
+        break
+    if response.status in (401, 403, 404):  # definitive: retrying cannot help
+        raise KubeError(
+            f"failed to get pod {namespace}/{name}: HTTP {response.status} {response.reason}"
+        )
+    if response.status != 200:
+        raise _Transient(f"HTTP {response.status} {response.reason}")
     try:
-        with urllib.request.urlopen(request, timeout=5, context=context) as response:
-            pod: dict[str, Any] = json.load(response)
-            return pod
-    except urllib.error.HTTPError as err:
-        if err.code in (401, 403, 404):  # definitive: retrying cannot help
-            raise KubeError(
-                f"failed to get pod {namespace}/{name}: HTTP {err.code} {err.reason}"
-            ) from None
-        raise _Transient(f"HTTP {err.code} {err.reason}") from None
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        raise _Transient(str(getattr(err, "reason", err))) from None
+        pod: dict[str, Any] = json.loads(body)
+    except ValueError as err:
+        raise _Transient(str(err)) from None
+    return pod
+
+
+# Kept-alive connections and TLS contexts, shared by the threads of a resident agent (one
+# process serving many pods); a standalone plugin process uses one of each and exits.
+_LOCK = threading.Lock()
+_IDLE: dict[tuple[str, str, bytes | None], list[http.client.HTTPConnection]] = {}
+_CONTEXTS: dict[tuple[bytes | None, bool, bytes | None, bytes | None], ssl.SSLContext] = {}
+
+
+def _connection(
+    config: Kubeconfig, url: urllib.parse.SplitResult
+) -> tuple[http.client.HTTPConnection, bool]:
+    """An idle connection to the server (True: kept alive from an earlier GET) or a new one."""
+    with _LOCK:
+        idle = _IDLE.get((config.server, config.token, config.client_cert))
+        if idle:
+            return idle.pop(), True
+    host, port = url.hostname or "", url.port
+    context = tls_context(config)
+    if context is None:
+        return http.client.HTTPConnection(host, port, timeout=5), False
+    return http.client.HTTPSConnection(host, port, timeout=5, context=context), False
+
+
+def _give_back(config: Kubeconfig, connection: http.client.HTTPConnection) -> None:
+    with _LOCK:
+        _IDLE.setdefault((config.server, config.token, config.client_cert), []).append(connection)
 
 
 def tls_context(config: Kubeconfig) -> ssl.SSLContext | None:
     """The TLS policy of the kubeconfig (None for plain http); shared with the pod watch."""
     if not config.server.startswith("https:"):
         return None
+    key = (config.ca_data, config.insecure, config.client_cert, config.client_key)
+    with _LOCK:
+        if key in _CONTEXTS:
+            return _CONTEXTS[key]
     if config.insecure:
         context = ssl._create_unverified_context()  # the kubeconfig asks for it explicitly
     else:
@@ -262,7 +305,8 @@ def tls_context(config: Kubeconfig) -> ssl.SSLContext | None:
                 ) from None
     if config.client_cert is not None and config.client_key is not None:
         _load_client_cert(context, config)
-    return context
+    with _LOCK:
+        return _CONTEXTS.setdefault(key, context)
 
 
 def _load_client_cert(context: ssl.SSLContext, config: Kubeconfig) -> None:

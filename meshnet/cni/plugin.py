@@ -36,6 +36,7 @@ ERR_INVALID_ENV = 4
 ERR_DECODE = 6
 ERR_INVALID_CONFIG = 7
 ERR_INTERNAL = 999
+USAGE = f"CNI plugin {PLUGIN_TYPE}: supported versions {', '.join(SUPPORTED_VERSIONS)}\n"
 
 
 class CniError(MeshnetError):
@@ -74,27 +75,40 @@ def _needs_stdin() -> bool:
 
 
 def run(stdin: str, environ: Mapping[str, str]) -> int:
-    """Handle one CNI call; returns the exit code. Never raises."""
+    """Handle one CNI call as the standalone process: print the output, return the exit code."""
     logs.configure_light()  # before anything can log: stdout is reserved for the CNI result
+    output, code = respond(stdin, environ, configure_logs=True)
+    if output:
+        sys.stdout.write(output)
+        sys.stdout.flush()
+    return code
+
+
+def respond(
+    stdin: str, environ: Mapping[str, str], *, configure_logs: bool = False
+) -> tuple[str, int]:
+    """Handle one CNI call: (what goes to stdout, exit code). Never raises.
+
+    configure_logs: take the log level from the netconf (the standalone process); a resident
+    agent serving many calls keeps its own logger.
+    """
     command = environ.get("CNI_COMMAND", "")
     if not command:
-        sys.stderr.write(
-            f"CNI plugin {PLUGIN_TYPE}: supported versions {', '.join(SUPPORTED_VERSIONS)}\n"
-        )
-        return 1
+        sys.stderr.write(USAGE)
+        return "", 1
     version = "1.1.0"
     try:
         if command == "VERSION":
-            _print({"cniVersion": "1.1.0", "supportedVersions": list(SUPPORTED_VERSIONS)})
-            return 0
+            return _render(
+                {"cniVersion": "1.1.0", "supportedVersions": list(SUPPORTED_VERSIONS)}
+            ), 0
         call = Call(command, environ, _parse_config(stdin))
         version = call.version
         _check_numbers(call.config)
-        logs.configure_light(f"default:{call.config.get('plugin_log_level') or 'info'}")
+        if configure_logs:
+            logs.configure_light(f"default:{call.config.get('plugin_log_level') or 'info'}")
         result = _dispatch(call)
-        if result is not None:
-            _print(result)
-        return 0
+        return ("" if result is None else _render(result)), 0
     except CniError as err:
         return _fail(version, err.code, str(err))
     except MeshnetError as err:
@@ -196,12 +210,10 @@ def require_env(call: Call, *names: str) -> None:
         raise CniError(ERR_INVALID_ENV, f"required env variables [{', '.join(missing)}] missing")
 
 
-def _print(document: Mapping[str, Any]) -> None:
-    sys.stdout.write(json.dumps(document, indent=4) + "\n")
-    sys.stdout.flush()
+def _render(document: Mapping[str, Any]) -> str:
+    return json.dumps(document, indent=4) + "\n"
 
 
-def _fail(version: str, code: int, message: str) -> int:
+def _fail(version: str, code: int, message: str) -> tuple[str, int]:
     logs.get().error(message, code=code)
-    _print({"cniVersion": version, "code": code, "msg": message})
-    return 1
+    return _render({"cniVersion": version, "code": code, "msg": message}), 1

@@ -10,6 +10,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -79,20 +80,46 @@ class FakeApi:
     pki: serve HTTPS with its server certificate; require_client_cert: the TLS handshake
     demands a client certificate signed by its CA, which then authenticates the request in
     place of the token (as the API server's x509 authenticator does). host: 127.0.0.1 or ::1.
+    keep_alive: HTTP/1.1 with kept-alive connections (`clients` records each connection's
+    address); `delay` seconds before each answer; `most_at_once` GETs in progress together.
     """
 
     def __init__(
-        self, pki: Pki | None = None, require_client_cert: bool = False, host: str = "127.0.0.1"
+        self,
+        pki: Pki | None = None,
+        require_client_cert: bool = False,
+        host: str = "127.0.0.1",
+        keep_alive: bool = False,
     ) -> None:
         self.pods: dict[tuple[str, str], dict[str, Any]] = {}
         self.requests: list[str] = []
         self.status_override: int | None = None
         self.host = host
+        self.clients: set[tuple[str, int]] = set()
+        self.delay = 0.0
+        self.most_at_once = 0
+        self._at_once = 0
+        self._lock = threading.Lock()
         api = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+
             def do_GET(self) -> None:
                 api.requests.append(self.path)
+                api.clients.add(self.client_address)
+                with api._lock:
+                    api._at_once += 1
+                    api.most_at_once = max(api.most_at_once, api._at_once)
+                try:
+                    if api.delay:
+                        time.sleep(api.delay)
+                    self._answer()
+                finally:
+                    with api._lock:
+                        api._at_once -= 1
+
+            def _answer(self) -> None:
                 by_cert = require_client_cert and bool(self.connection.getpeercert())  # type: ignore[attr-defined]
                 if not by_cert and self.headers.get("Authorization") != f"Bearer {TOKEN}":
                     return self._reply(401, {"message": "Unauthorized"})

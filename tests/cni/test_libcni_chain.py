@@ -4,7 +4,9 @@
 (packages `golang-go` and `golang-github-appc-cni-dev`). It runs inside a throw-away "node"
 namespace, so the bridge plugin's bridge and veth ends never touch the host; the pod
 namespace is made separately, as a runtime does. The Kubernetes API (`FakeApi`) listens on
-the node namespace's 127.0.0.1, where the plugin looks for it.
+the node namespace's 127.0.0.1, where the plugin looks for it. `meshnet-cni` is the installed
+forwarder; every test runs with a `meshnet cni agent` in the node namespace serving it, and
+without one (the forwarder runs the standalone plugin).
 """
 
 from __future__ import annotations
@@ -12,9 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from meshnet import netns
+from tests.cni.agents import Agent, forwarder_dir, plugin_dir
 from tests.cni.fakes import FakeApi, in_netns, mesh_pod, write_kubeconfig
 from tests.netns.harness import Topology, fmt_addr, require_root_netns, split_addr
 
@@ -112,15 +113,18 @@ def driver() -> Iterator[Path]:
         yield build_driver(Path(tmp))
 
 
-def make_bin_dir(bin_dir: Path) -> None:
-    """The reference plugins (symlinks) and `meshnet-cni`, a wrapper around this venv."""
+@pytest.fixture(scope="session")
+def forwarder() -> Iterator[Path]:
+    with forwarder_dir() as path:
+        yield path
+
+
+def make_bin_dir(bin_dir: Path, forwarder: Path) -> None:
+    """The reference plugins (symlinks), `meshnet-cni` (the forwarder) and its fallback."""
     bin_dir.mkdir(parents=True, exist_ok=True)
     for name in REFERENCE_PLUGINS:
         (bin_dir / name).symlink_to(Path("/usr/lib/cni") / name)
-    wrapper = bin_dir / "meshnet-cni"
-    python = Path(sys.executable).absolute()  # the venv's python, not its resolved target
-    wrapper.write_text(f'#!/bin/sh\nexec "{python}" -m meshnet.cni "$@"\n')
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    plugin_dir(bin_dir, forwarder)
 
 
 def conflist(work: Path) -> dict[str, Any]:
@@ -162,6 +166,7 @@ class Node:
     driver: Path
     work: Path
     conflist: Path
+    served: bool  # a `meshnet cni agent` serves the forwarder
 
     def run(
         self, command: str, pod_ns: str, container_id: str, pod: str = "web-0"
@@ -177,7 +182,7 @@ class Node:
         }
         argv = [str(self.driver), command, str(self.conflist), f"/var/run/netns/{pod_ns}"]
         argv += [container_id, "eth0", args]
-        return subprocess.run(
+        result = subprocess.run(
             ["ip", "netns", "exec", self.name, *argv],
             env=env,
             capture_output=True,
@@ -185,6 +190,10 @@ class Node:
             timeout=DRIVER_TIMEOUT,
             check=False,
         )
+        if result.returncode == 0:  # libcni passes the plugin's stderr on only then
+            fell_back = "agent unreachable; running the standalone plugin" in result.stderr
+            assert fell_back != self.served, result.stderr
+        return result
 
     def new_pod_ns(self, tag: str) -> str:
         name = f"mnt-{self.topo.suffix}-{tag}"
@@ -192,11 +201,13 @@ class Node:
         return name
 
 
-@pytest.fixture
-def node(driver: Path) -> Iterator[Node]:
+@pytest.fixture(params=["agent", "fallback"])
+def node(request: pytest.FixtureRequest, driver: Path, forwarder: Path) -> Iterator[Node]:
     topo = Topology()
+    served = request.param == "agent"
     with tempfile.TemporaryDirectory(prefix="meshnet-chain-") as tmp:
         work = Path(tmp)
+        agent = Agent(work / "run", netns=f"mnt-{topo.suffix}-node")
         try:
             name = f"mnt-{topo.suffix}-node"
             topo.add_netns(name)
@@ -205,11 +216,14 @@ def node(driver: Path) -> Iterator[Node]:
             with api:
                 api.pods[("default", "web-0")] = mesh_pod("web-0", "default")
                 write_kubeconfig(work / "run", api.url)
-                make_bin_dir(work / "bin")
+                make_bin_dir(work / "bin", forwarder)
                 path = work / "chain.conflist"
                 path.write_text(json.dumps(conflist(work), indent=2))
-                yield Node(topo, name, api, driver, work, path)
+                if served:
+                    agent.start()
+                yield Node(topo, name, api, driver, work, path, served)
         finally:
+            agent.close()
             topo.close()
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
 
-from meshnet.cni.install import install_binary
+from meshnet.cni.install import STANDALONE_DIR, install_binary
+from tests.cni.agents import forwarder_dir
 
 
 def _onedir(root: Path, version: str) -> Path:
@@ -35,3 +37,28 @@ def test_onedir_build_is_copied_whole_and_linked(tmp_path: Path) -> None:
     assert len(versions) == 1  # the old copy is gone once nothing points at it
     assert (bin_dir / "bridge").read_text() == "other plugin"
     assert not list(bin_dir.glob("meshnet-cni.tmp.*"))
+
+
+def test_forwarder_and_its_fallback_are_installed_together(tmp_path: Path) -> None:
+    """build.sh's layout (forwarder + meshnet-cni-standalone/): copied whole, linked; run
+    through the link with no agent, the forwarder finds the fallback in the installed copy."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    with forwarder_dir() as built:
+        target = install_binary(built, bin_dir, "meshnet-cni")
+    assert target.is_symlink() and not os.readlink(target).startswith("/")
+    installed = target.resolve().parent
+    assert (installed / STANDALONE_DIR / "meshnet-cni").is_file()
+    conf = json.dumps({"cniVersion": "1.1.0", "cni_agent_run_dir": str(tmp_path / "run")})
+    done = subprocess.run(
+        [str(target)],
+        input=conf,
+        env={**os.environ, "CNI_COMMAND": "STATUS"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    warning = json.loads(done.stderr.splitlines()[0])
+    assert warning["event"].endswith(str(installed / STANDALONE_DIR / "meshnet-cni"))

@@ -2,6 +2,8 @@
 
 Every test that touches a namespace makes its own (and always deletes it); the Kubernetes API
 is `FakeApi` on 127.0.0.1. Rules are applied for real and read back with iptables-save / nft.
+Every test runs twice, through the installed plugin (the C forwarder): once served by a
+resident `meshnet cni agent`, once with no agent, so the forwarder runs the standalone plugin.
 SPEC-istio §5.1-5.2, SPEC.md §6.
 """
 
@@ -10,13 +12,18 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.cni.agents import Agent, forwarder_dir, through_agent, through_fallback
 from tests.cni.fakes import (
     FakeApi,
     cni_env,
@@ -24,7 +31,6 @@ from tests.cni.fakes import (
     mesh_pod,
     netns_state,
     pod_namespace,
-    run_plugin,
     write_kubeconfig,
 )
 from tests.netns.harness import V4, Topology, require_root_netns
@@ -103,6 +109,40 @@ def nft_tables(ns: str) -> list[str]:
     return [line.split()[-1] for line in out.stdout.splitlines() if line.startswith("table")]
 
 
+# --------------------------------------------------------------------------- the two paths
+
+
+def run_plugin(
+    env: dict[str, str], stdin: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    raise AssertionError("replaced by the `path` fixture")
+
+
+@pytest.fixture(scope="module")
+def forwarder() -> Iterator[Path]:
+    with forwarder_dir() as path:
+        yield path
+
+
+@pytest.fixture(scope="module")
+def module_agent() -> Iterator[Agent]:
+    with tempfile.TemporaryDirectory(prefix="meshnet-agent-") as tmp:
+        with Agent(Path(tmp) / "run") as agent:
+            yield agent
+
+
+@pytest.fixture(params=["agent", "fallback"], autouse=True)
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, forwarder: Path) -> str:
+    """Route every `run_plugin` of the test through the forwarder, to the agent or not."""
+    if request.param == "agent":
+        agent: Agent = request.getfixturevalue("module_agent")
+        runner = partial(through_agent, forwarder, agent.run_dir)
+    else:
+        runner = partial(through_fallback, forwarder)
+    monkeypatch.setattr(sys.modules[__name__], "run_plugin", runner)
+    return str(request.param)
+
+
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -156,7 +196,9 @@ def test_status_is_ok_when_a_backend_is_installed(tmp_path: Path, nft: bool) -> 
     assert ok(run_plugin({"CNI_COMMAND": "STATUS"}, conf)).strip() == ""
 
 
-def test_status_fails_with_code_50_when_the_backend_is_missing(tmp_path: Path) -> None:
+def test_status_fails_with_code_50_when_the_backend_is_missing(tmp_path: Path, path: str) -> None:
+    if path == "agent":
+        pytest.skip("the agent runs the tools from its own PATH, not the caller's")
     # PATH without nft (nor iptables): the plugin must say it is not available.
     empty = tmp_path / "bin"
     empty.mkdir()
@@ -358,7 +400,7 @@ def test_del_with_a_cni_netns_that_is_not_a_namespace_succeeds(
     result = run_plugin(cni_env("DEL", str(not_a_namespace)), netconf(run_dir))
 
     assert ok(result).strip() == ""
-    assert "error" not in result.stderr
+    assert '"level": "error"' not in result.stderr  # the fallback path logs a warning first
 
 
 def test_native_nftables_add_check_del(run_dir: Path, pod_ns: str) -> None:
@@ -656,3 +698,17 @@ def test_add_captures_real_traffic(api: FakeApi, run_dir: Path) -> None:
         ok(run_plugin(cni_env("DEL", str(topo.pod_path)), netconf(run_dir)))
         after = topo.probe(topo.pod_ns, V4.peer, 80, uid=APP_UID, gid=APP_UID)
         assert after.landed_at("peer", 80), after.where
+
+
+def test_tproxy_pod_gets_its_policy_route_in_its_own_namespace(
+    api: FakeApi, run_dir: Path, pod_ns: str
+) -> None:
+    """The route is made over netlink (pyroute2), in the pod's namespace, not the caller's."""
+    api.pods[POD] = the_pod(annotations={"sidecar.istio.io/interceptionMode": "TPROXY"})
+    own_rules = subprocess.run(["ip", "rule"], capture_output=True, text=True, check=True).stdout
+    ok(run_plugin(cni_env("ADD", pod_ns), netconf(run_dir)))
+    assert "fwmark 0x539 lookup 133" in in_netns(pod_ns, ["ip", "rule"]).stdout
+    assert "local" in in_netns(pod_ns, ["ip", "route", "show", "table", "133"]).stdout
+    assert subprocess.run(["ip", "rule"], capture_output=True, text=True).stdout == own_rules
+    ok(run_plugin(cni_env("DEL", pod_ns), netconf(run_dir)))
+    assert "lookup 133" not in in_netns(pod_ns, ["ip", "rule"]).stdout

@@ -1,4 +1,5 @@
-"""The standalone meshnet-cni executable (cni-plugin/build.sh) runs without the venv's Python."""
+"""cni-plugin/build.sh's output runs without the venv's Python: the forwarder `meshnet-cni`,
+with no agent to serve it, runs the standalone PyInstaller plugin beside it."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def executable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         timeout=600,
         capture_output=True,
     )
-    yield out / "meshnet-cni" / "meshnet-cni"
+    yield out / "meshnet-cni"
 
 
 def _run(binary: Path, env: dict[str, str], stdin: str = "") -> subprocess.CompletedProcess[str]:
@@ -53,9 +54,11 @@ def _run(binary: Path, env: dict[str, str], stdin: str = "") -> subprocess.Compl
 
 
 def test_version(executable: Path) -> None:
-    result = _run(executable, {"CNI_COMMAND": "VERSION"})
-    assert result.returncode == 0, result.stderr
-    assert "1.1.0" in json.loads(result.stdout)["supportedVersions"]
+    standalone = executable.parent / "meshnet-cni-standalone" / "meshnet-cni"
+    answers = [_run(binary, {"CNI_COMMAND": "VERSION"}) for binary in (executable, standalone)]
+    assert all(result.returncode == 0 for result in answers), answers
+    assert answers[0].stdout == answers[1].stdout
+    assert "1.1.0" in json.loads(answers[0].stdout)["supportedVersions"]
 
 
 def test_add_applies_the_pod_rules(executable: Path, tmp_path: Path) -> None:
@@ -87,5 +90,6 @@ def test_add_applies_the_pod_rules(executable: Path, tmp_path: Path) -> None:
             check=True,
         ).stdout
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "running the standalone plugin" in result.stderr
     assert json.loads(result.stdout)["ips"] == config["prevResult"]["ips"]
     assert "-A ISTIO_OUTPUT -j ISTIO_REDIRECT" in saved

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.cni.agents import Agent, forwarder_dir, through_agent
 from tests.cni.fakes import FakeApi, get_rules, pod_namespace, run_plugin, write_kubeconfig
 from tests.conftest import RAN
 from tests.netns.harness import require_root_netns
@@ -16,8 +19,20 @@ from tests.support import CONFORMANCE, conformance_cases
 SUITE = CONFORMANCE / "cni-plugin"
 
 
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[Path, Path]]:
+    """The forwarder and the run dir of an agent serving it."""
+    with forwarder_dir() as forwarder, tempfile.TemporaryDirectory(prefix="meshnet-agent-") as tmp:
+        with Agent(Path(tmp) / "run") as agent:
+            yield forwarder, agent.run_dir
+
+
+@pytest.mark.parametrize("path", ["plugin", "agent"])
 @pytest.mark.parametrize("case", conformance_cases("cni-plugin"))
-def test_cni_plugin_golden(case: dict[str, Any], tmp_path: Path) -> None:
+def test_cni_plugin_golden(
+    case: dict[str, Any], tmp_path: Path, path: str, request: pytest.FixtureRequest
+) -> None:
+    """Through the plugin process, and through the forwarder to a resident agent."""
     require_root_netns()
     netconf = json.loads((SUITE / case["netconf"]).read_text())
     netconf["cni_agent_run_dir"] = str(tmp_path / "run")
@@ -34,11 +49,16 @@ def test_cni_plugin_golden(case: dict[str, Any], tmp_path: Path) -> None:
             "CNI_PATH": "/usr/lib/cni",
             "DRY_RUN_FILE_PATH": str(transcript),
         }
-        result = run_plugin(env, json.dumps(netconf))
+        if path == "agent":
+            forwarder, agent_dir = request.getfixturevalue("served")
+            result = through_agent(forwarder, agent_dir, env, json.dumps(netconf))
+        else:
+            result = run_plugin(env, json.dumps(netconf))
     assert result.returncode == 0, result.stdout + result.stderr
     printed = json.loads(result.stdout)
     assert printed["ips"] == netconf["prevResult"]["ips"]
     got = get_rules(transcript.read_text())
     want = get_rules((SUITE / case["golden"]).read_text())
     assert got and got == want
-    RAN["cni-plugin"] = RAN.get("cni-plugin", 0) + 1
+    suite = "cni-plugin" if path == "plugin" else "cni-plugin (through the agent)"
+    RAN[suite] = RAN.get(suite, 0) + 1
