@@ -43,10 +43,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshnet import logs
 from meshnet.cni import conflist, kube, kubeapi, kubeconfig, metrics, repair
+
+if TYPE_CHECKING:
+    from meshnet.cni import agent
 from meshnet.errors import MeshnetError, OptionError
 
 DEFAULT_PLUGIN_NAME = "meshnet-cni"
@@ -85,6 +88,12 @@ ENV_OPTIONS: tuple[EnvOption, ...] = (
     EnvOption("MESHNET_CNI_READINESS_PORT", "8000", "port of /readyz (0: no server)"),
     EnvOption("MESHNET_CNI_POLL_INTERVAL", "0.5", "seconds between checks of the watched files"),
     EnvOption("MONITORING_PORT", "15014", "port of the Prometheus /metrics (0: no server)"),
+    EnvOption(
+        "MESHNET_CNI_AGENT",
+        "false",
+        f"also serve the node agent (`meshnet cni agent`) on <CNI_AGENT_RUN_DIR>/"
+        f"{AGENT_SOCKET_NAME} in this process, with its requests in /metrics",
+    ),
     EnvOption(
         "MESHNET_CNI_AGENT_SOCKET_CHECK",
         "false",
@@ -141,6 +150,7 @@ class Settings:
     poll_interval: float = 0.5
     monitoring_port: int = 15014
     agent_socket_check: bool = False
+    agent: bool = False
     repair: repair.RepairSettings = field(default_factory=repair.RepairSettings)
     log_format: str = "text"
     log_level: str = "info"
@@ -177,6 +187,7 @@ class Settings:
             poll_interval=env.seconds("MESHNET_CNI_POLL_INTERVAL", 0.5),
             monitoring_port=env.integer("MONITORING_PORT", 15014, 0, 65535),
             agent_socket_check=env.boolean("MESHNET_CNI_AGENT_SOCKET_CHECK", False),
+            agent=env.boolean("MESHNET_CNI_AGENT", False),
             repair=_repair_settings(env),
             log_format=env.choice("MESHNET_LOG_FORMAT", "text", ("text", "json")),
             log_level=env.text("MESHNET_LOG_LEVEL", "info"),
@@ -765,7 +776,7 @@ class Installer:
         config = config_problem(settings, self.config_path)
         if config is not None:
             problems.append(config)
-        if settings.agent_socket_check:
+        if settings.agent_socket_check or settings.agent:
             agent = agent_socket_problem(settings.run_dir / AGENT_SOCKET_NAME)
             if agent is not None:
                 problems.append(agent)
@@ -993,6 +1004,19 @@ def serve_metrics(port: int) -> _HttpServer:
     return serve(port, {"/metrics": metrics_route}, "MONITORING_PORT")
 
 
+def _start_agent(settings: Settings) -> agent.Agent | None:
+    """The node agent in this process (MESHNET_CNI_AGENT=true): one resident process per node
+    that installs, repairs and serves the per-pod CNI calls, its requests counted in /metrics."""
+    if not settings.agent:
+        return None
+    from meshnet.cni import agent
+
+    environ = {**os.environ, "CNI_AGENT_RUN_DIR": str(settings.run_dir)}
+    node_agent = agent.Agent(agent.Settings.from_env(environ), hooks=(metrics.record_call,))
+    node_agent.start()
+    return node_agent
+
+
 def start_repair(settings: Settings) -> repair.Controller | None:
     """The repair controller in a daemon thread, reading the plugin's kubeconfig; None when
     disabled, or when no node name is known (watching every node's pods from here is wrong:
@@ -1037,6 +1061,7 @@ def run(settings: Settings) -> int:
         except InstallError as err:  # as Istio: metrics are not worth failing the node for
             logs.get().error(str(err))
     controller = start_repair(settings)
+    node_agent = _start_agent(settings)
     failure: list[BaseException] = []
     worker = threading.Thread(target=_capture(installer.run, failure), name="install")
     worker.start()
@@ -1046,6 +1071,8 @@ def run(settings: Settings) -> int:
         stop.set()
         if controller is not None:
             controller.stop()  # a repair in progress finishes; the watch ends at once
+        if node_agent is not None:
+            node_agent.stop()  # in-flight CNI calls finish; new ones fall back meanwhile
         worker.join()
         for server in servers:
             server.shutdown()
@@ -1061,6 +1088,8 @@ def _wait_for_signal(worker: threading.Thread) -> None:
     while worker.is_alive():
         received = signal.sigtimedwait(_SIGNALS, 0.2)
         if received is not None:
+            if received.si_signo not in _SIGNALS:
+                continue  # under load this CPython has returned si_signo 0 here
             name = signal.Signals(received.si_signo).name
             logs.get().info("signal received; cleaning up", signal=name)
             return

@@ -114,11 +114,17 @@ def observe_cni_request(command: str, result: str, seconds: float) -> None:
 class FinishedCall(Protocol):
     """What the node agent knows of a served call (its request hooks get one)."""
 
-    command: str
-    exit_code: int
-    seconds: float
-    queue_depth: int
-    timed_out: bool
+    # read-only: the agent's record is a frozen dataclass
+    @property
+    def command(self) -> str: ...
+    @property
+    def exit_code(self) -> int: ...
+    @property
+    def seconds(self) -> float: ...
+    @property
+    def queue_depth(self) -> int: ...
+    @property
+    def timed_out(self) -> bool: ...
 
 
 def record_call(call: FinishedCall) -> None:

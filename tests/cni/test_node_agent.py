@@ -221,3 +221,39 @@ def test_node_agent_options_are_read_with_istios_defaults() -> None:
         Settings.from_env({"REPAIR_NODE_NAME": "n2", "KUBERNETES_NODE_NAME": "n1"}).repair.node_name
         == "n2"
     )
+
+
+def _ask_agent(path: Path, command: str) -> tuple[int, bytes]:
+    """One request on the agent's socket, the way the forwarder frames it."""
+    from meshnet.cni import agent
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(10)
+        conn.connect(str(path))
+        conn.sendall(agent.encode_request(command, {"CNI_COMMAND": command}, b""))
+        conn.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    assert data[:1] == b"A", data
+    return agent.decode_reply(data[1:])
+
+
+def test_the_daemon_serves_the_node_agent_and_counts_its_requests(
+    host: Host, start: Callable[..., Daemon]
+) -> None:
+    port = _free_port()
+    daemon = start(MONITORING_PORT=str(port), REPAIR_ENABLED="false", MESHNET_CNI_AGENT="true")
+    path = host.run_dir / AGENT_SOCKET_NAME
+    eventually(path.exists, "the agent socket", daemon)
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+    code, stdout = _ask_agent(path, "VERSION")
+    assert code == 0 and b'"supportedVersions"' in stdout, stdout
+    key = ("meshnet_cni_request_duration_seconds_count", (("command", "VERSION"), ("result", "ok")))
+    eventually(lambda: scrape(port).get(key) == 1, "the request counted in /metrics", daemon)
+
+    write_json(host.conf_dir / "10-bridge.conf", BRIDGE)
+    eventually(lambda: daemon.readyz() == 200, "ready with the agent serving", daemon)
+    assert daemon.terminate() == 0, daemon.logs()
+    assert not path.exists(), "the agent's socket is removed on SIGTERM"
