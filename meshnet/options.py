@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from meshnet.environment import IPAddress, System, detect_ip, parse_resolv_conf
-from meshnet.errors import OptionError, UsageError
+from meshnet.errors import EnvironmentFactError, OptionError, UsageError
 from meshnet.flags import ALL_FLAGS, Flag
 
 OUTPUT_FORMATS = ("restore", "transcript", "json", "nft", "dot")
@@ -471,7 +471,11 @@ def _dns_servers(
         fail = functools.partial(values.fail, "dns_servers")
         texts = [address_text(_address(t, fail), "." in t) for t in _split(raw.text)]
     elif read_resolv:
-        found = parse_resolv_conf(system.read_text(values.text("resolv_conf")))
+        try:
+            text = system.read_text(values.text("resolv_conf"))
+        except EnvironmentFactError as err:
+            raise values.fail("resolv_conf", str(err)) from None
+        found = parse_resolv_conf(text)
         texts = [str(addr) for addr in found]
     else:
         texts = []

@@ -56,6 +56,9 @@ def _declare(
 
 def restore_lines(rules: Sequence[Rule]) -> list[str]:
     """One family's restore input as lines: tables sorted, `* <table>`, -N, rules, COMMIT."""
+    unknown = {rule.table for rule in rules} - set(TABLES)
+    if unknown:
+        raise UnsafeTextError(f"refusing to write rules for tables {sorted(unknown)!r}")
     chains = declared_chains(rules)
     lines: list[str] = []
     for table in TABLES:  # already in sorted order: filter, mangle, nat, raw
