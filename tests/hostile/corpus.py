@@ -63,6 +63,7 @@ CASES: tuple[Case, ...] = (
     # Extra: other strings that reach rule text.
     Case("uid-newline", "proxy_uid", "1337\n"),
     Case("gid-name-nul", "proxy_gid", "root\x00"),
+    Case("interface-nul", "exclude_interfaces", "eth0\x00;include"),
     Case("port-injection", "inbound_ports", "80\n-A INPUT -j DROP"),
     Case("loopback-cidr-zone", "ipv4_loopback_cidr", "127.0.0.1%1/32"),
     Case("owner-groups-space", "owner_groups_include", "root -j DROP"),
