@@ -244,7 +244,7 @@ def _apply_all_or_nothing(
                 for plan in active:
                     _remove_planned(plan)
             for plan in active:
-                plan.require_runner().restore(plan.text)
+                plan.require_runner().restore(plan.text, {r.table for r in plan.rules})
                 logs.get().info("applied rules", family=plan.family, rules=len(plan.rules))
             _read_back(active)
             routes.configure_for(opts)

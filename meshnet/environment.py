@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import grp
 import ipaddress
+import os
 import pwd
 import socket
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Protocol
@@ -51,11 +53,33 @@ class HostSystem:
         return netlink_addresses()
 
     def read_text(self, path: str) -> str:
-        try:
-            with open(path, encoding="utf-8", errors="replace") as handle:
-                return handle.read()
-        except OSError as err:
-            raise EnvironmentFactError(f"failed to load {path}: {err.strerror}") from err
+        return read_bounded(path)
+
+
+MAX_READ = 64 * 1024  # a resolv.conf is a few hundred bytes; glibc reads far less than this
+
+
+def read_bounded(path: str, limit: int = MAX_READ) -> str:
+    """A small regular file's text. A device (/dev/zero), FIFO or directory, or a file over
+    `limit` bytes, is refused by name; the error never quotes what the file holds."""
+    shown = repr(path)
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError) as err:
+        reason = err.strerror if isinstance(err, OSError) else str(err)
+        raise EnvironmentFactError(f"failed to load {shown}: {reason}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise EnvironmentFactError(f"failed to load {shown}: not a regular file")
+        data = os.read(fd, limit + 1)
+    except OSError as err:
+        raise EnvironmentFactError(f"failed to load {shown}: {err.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise EnvironmentFactError(f"failed to load {shown}: larger than {limit} bytes")
+    return data.decode("utf-8", errors="replace")
 
 
 @dataclass(frozen=True, slots=True)

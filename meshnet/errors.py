@@ -44,3 +44,8 @@ class ValidationFailed(MeshnetError):
     """--run-validation did not see its probe captured (Istio's exit code 126)."""
 
     exit_code = 126
+
+
+class UnsafeTextError(MeshnetError):
+    """A value would change the meaning of the rule text it is rendered into (a newline, a
+    quote, nft syntax): refused before any text reaches iptables-restore or nft."""

@@ -8,19 +8,32 @@ the derived facts of SPEC-istio §1.4, asking a `System` only for what the flags
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from meshnet.environment import System, detect_ip, parse_resolv_conf
-from meshnet.errors import OptionError, UsageError
+from meshnet.environment import IPAddress, System, detect_ip, parse_resolv_conf
+from meshnet.errors import EnvironmentFactError, OptionError, UsageError
 from meshnet.flags import ALL_FLAGS, Flag
 
 OUTPUT_FORMATS = ("restore", "transcript", "json", "nft", "dot")
 _TRUE = {"1", "t", "T", "TRUE", "true", "True"}
 _FALSE = {"0", "f", "F", "FALSE", "false", "False"}
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*\$?$")
+# A user or group name as shadow-utils accepts it (32 bytes); fullmatch, so no trailing newline.
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,30}\$?")
+# Bytes no value may hold: control characters end a restore line or an nft statement.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Interface names: what Linux dev_valid_name allows, narrowed to characters that neither
+# iptables-restore nor nft reads as syntax (no quotes, `;`, `#`, braces, `\`, `*` which nft
+# reads as a wildcard, `,` which separates items, no leading `-` or `!`). `+` is iptables'
+# wildcard and means that only as the last character, where it stays allowed.
+_INTERFACE = re.compile(r"[A-Za-z0-9_.@][A-Za-z0-9_.@-]{0,14}")
+_LOG_LEVEL = re.compile(
+    r"(?:[A-Za-z0-9_.-]+:)?(?:debug|info|warn|warning|error|fatal|none)"
+    r"(?:,(?:[A-Za-z0-9_.-]+:)?(?:debug|info|warn|warning|error|fatal|none))*"
+)
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 MAX_OWNER_GROUPS = 64
@@ -114,6 +127,17 @@ class Options:
         return self.inbound_interception_mode == "TPROXY"
 
 
+def invalid(item: Raw, problem: str) -> OptionError:
+    """One line naming where the value came from, the value escaped (it may hold anything)."""
+    return OptionError(f"invalid value {shown(item.text)} for {item.origin}: {problem}")
+
+
+def shown(text: str) -> str:
+    """A value for an error line: repr-escaped (no raw newline or control character survives),
+    cut short so a huge value cannot flood the log."""
+    return repr(text if len(text) <= 200 else text[:200] + "...")
+
+
 def gather(cli: Mapping[str, str | None], environ: Mapping[str, str]) -> dict[str, Raw]:
     """Pick each option's raw text: command line > alias env > primary env > default."""
     raw: dict[str, Raw] = {}
@@ -133,6 +157,9 @@ def _pick(flag: Flag, given: str | None, environ: Mapping[str, str]) -> Raw:
 
 def build(raw: Mapping[str, Raw], system: System) -> Options:
     """Validate every raw value and derive the facts Istio computes at run time."""
+    for item in raw.values():
+        if _CONTROL.search(item.text):
+            raise invalid(item, "control characters (newline, NUL, ...) are not allowed")
     values = _Values(raw)
     uids = _proxy_uids(values, system)
     gid_text = raw["proxy_gid"].text or ",".join(uids)  # Istio: GID defaults to the UID *text*
@@ -154,7 +181,8 @@ def build(raw: Mapping[str, Raw], system: System) -> Options:
         outbound_ports=values.ports("outbound_ports"),
         outbound_ports_exclude=values.ports("outbound_ports_exclude"),
         kube_virt_interfaces=values.interfaces("kube_virt_interfaces"),
-        tproxy_mark=values.number("tproxy_mark", 0, 2**32 - 1),
+        # Mark 0 is every unmarked packet: `ip rule fwmark 0 lookup T` would capture them all.
+        tproxy_mark=values.number("tproxy_mark", 1, 2**32 - 1),
         tproxy_route_table=values.number("tproxy_route_table", 1, 2**32 - 1),
         dry_run=values.boolean("dry_run"),
         probe_port=values.uint16_port("probe_port"),
@@ -181,7 +209,7 @@ def build(raw: Mapping[str, Raw], system: System) -> Options:
         output_format=values.choice("output_format", OUTPUT_FORMATS),
         log_format=_log_format(values),
         cidr_sets=values.boolean("cidr_sets"),
-        log_level=raw["log_output_level"].text,
+        log_level=values.log_level("log_output_level"),
     )
 
 
@@ -192,8 +220,7 @@ class _Values:
         self._raw = raw
 
     def fail(self, key: str, problem: str) -> OptionError:
-        item = self._raw[key]
-        return OptionError(f'invalid value "{item.text}" for {item.origin}: {problem}')
+        return invalid(self._raw[key], problem)
 
     def text(self, key: str) -> str:
         return self._raw[key].text
@@ -238,8 +265,18 @@ class _Values:
         names = _split(self.text(key))
         for name in names:
             if not _valid_interface(name):
-                raise self.fail(key, f'"{name}" is not a valid interface name')
+                raise self.fail(
+                    key,
+                    f"{name!r} is not a valid interface name (1-15 characters: letters, digits "
+                    "and _.-@; a trailing + is a wildcard)",
+                )
         return tuple(names)
+
+    def log_level(self, key: str) -> str:
+        text = self.text(key)
+        if not _LOG_LEVEL.fullmatch(text):
+            raise self.fail(key, "expected LEVEL or SCOPE:LEVEL[,...] (debug, info, warn, ...)")
+        return text
 
     def cidrs(self, key: str, allow_wildcard: bool = True) -> Cidrs:
         text = self.text(key)
@@ -257,8 +294,8 @@ class _Values:
     def group_names(self, key: str) -> tuple[str, ...]:
         groups = _split(self.text(key))
         for group in groups:
-            if not (group.isdigit() or _NAME.match(group)):
-                raise self.fail(key, f'"{group}" is not a group name or GID')
+            if not ((group.isascii() and group.isdigit()) or _NAME.fullmatch(group)):
+                raise self.fail(key, f"{group!r} is not a group name or GID")
         return tuple(groups)
 
     def owner_groups_include(self) -> Selection:
@@ -278,28 +315,24 @@ class _Values:
         if text not in ("", "legacy", "nft"):
             raise self.fail(
                 "force_iptables_binary",
-                f'invalid FORCE_IPTABLES_BINARY value "{text}" (expected legacy or nft)',
+                f"invalid FORCE_IPTABLES_BINARY value {text!r} (expected legacy or nft)",
             )
         return text
 
     def loopback_cidr(self) -> str:
-        text = self.text("ipv4_loopback_cidr")
-        try:
-            iface = ipaddress.ip_interface(text)
-        except ValueError as err:
-            raise self.fail("ipv4_loopback_cidr", f"failed to parse CIDR {text}: {err}") from err
-        if "/" not in text or iface.version != 4 or not iface.ip.is_loopback:
+        key = "ipv4_loopback_cidr"
+        text = self.text(key)
+        iface = _interface(text, lambda m: self.fail(key, f"failed to parse CIDR {text!r}: {m}"))
+        if iface.version != 4 or not iface.ip.is_loopback:
             raise self.fail(
-                "ipv4_loopback_cidr",
-                f"expected valid IPv4 loopback address in CIDR {text}; found {iface.ip}",
+                key, f"expected valid IPv4 loopback address in CIDR {text}; found {iface.ip}"
             )
         bits = iface.network.prefixlen
         if not 8 <= bits <= 32:
             raise self.fail(
-                "ipv4_loopback_cidr",
-                f"expected CIDR {text} to have mask in range [8, 32]; found {bits}",
+                key, f"expected CIDR {text} to have mask in range [8, 32]; found {bits}"
             )
-        return text  # used verbatim in rules, as Istio does
+        return f"{iface.ip}/{bits}"  # the input's spelling for any valid input, as Istio
 
     def duration(self, key: str) -> float:
         text = self.text(key)
@@ -324,35 +357,75 @@ def _split(text: str) -> list[str]:
 
 def _port(text: str, fail: _Fail) -> int:
     if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
-        raise fail(f'"{text}" is not a port (expected 1-65535)')
+        raise fail(f"{text!r} is not a port (expected 1-65535)")
     return int(text)
 
 
-def _prefix(text: str, fail: _Fail) -> str:
-    """netip.ParsePrefix + String(): host bits kept, IPv6 canonical; Python is laxer, so check."""
+def _address(text: str, fail: _Fail) -> IPAddress:
+    """An IP address, strictly: Python also accepts an IPv6 zone (`fe80::1%eth0`) whose text
+    it keeps verbatim, newlines included; a zone means nothing in a firewall rule: refused."""
+    if "%" in text:
+        raise fail(f"{text!r} is not an IP address: zone/scope ids (%...) are not allowed")
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError as err:
+        raise fail(f"{text!r} is not an IP address") from err
+
+
+def address_text(address: IPAddress, dotted: bool) -> str:
+    """An address's text, generated from the parsed value. `dotted`: an IPv6 address the user
+    wrote with an embedded IPv4 part (`::127.0.0.53`) keeps that form, as Istio prints it."""
+    if address.version == 4 or not dotted:
+        return str(address)
+    value = int(address)
+    quad = str(ipaddress.IPv4Address(value & 0xFFFFFFFF))
+    groups = [f"{(value >> (112 - 16 * i)) & 0xFFFF:x}" for i in range(6)]
+    start, length = _longest_zero_run(groups)
+    if length < 2:
+        return ":".join(groups) + ":" + quad
+    left, right = ":".join(groups[:start]), ":".join(groups[start + length :])
+    return f"{left}::{right}:{quad}" if right else f"{left}::{quad}"
+
+
+def _longest_zero_run(groups: list[str]) -> tuple[int, int]:
+    best = (0, 0)
+    run_start = None
+    for index, group in enumerate([*groups, "end"]):
+        if group == "0":
+            run_start = index if run_start is None else run_start
+            continue
+        if run_start is not None and index - run_start > best[1]:
+            best = (run_start, index - run_start)
+        run_start = None
+    return best
+
+
+def _interface(text: str, fail: _Fail) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+    """ADDRESS/BITS (netip.ParsePrefix): decimal bits without leading zeros, no netmask form."""
     address, slash, bits = text.partition("/")
     if not slash:
-        raise fail(f"\"{text}\" is not a CIDR: no '/' (expected ADDRESS/BITS, e.g. 10.0.0.0/8)")
-    try:
-        parsed = ipaddress.ip_address(address)
-    except ValueError as err:
-        raise fail(f'"{text}" is not a CIDR: {err}') from err
+        raise fail("no '/' (expected ADDRESS/BITS, e.g. 10.0.0.0/8)")
+    parsed = _address(address, fail)
     if (
         not (bits.isascii() and bits.isdigit())
         or int(bits) > parsed.max_prefixlen
         or (len(bits) > 1 and bits[0] == "0")
     ):
-        raise fail(f'"{text}" is not a CIDR: bad prefix length "{bits}"')
-    return f"{parsed}/{int(bits)}"
+        raise fail(f"bad prefix length {bits!r}")
+    return ipaddress.ip_interface((parsed, int(bits)))
+
+
+def _prefix(text: str, fail: _Fail) -> str:
+    """netip.ParsePrefix + String(): host bits kept, IPv6 canonical, text made from the value."""
+    iface = _interface(text, lambda problem: fail(f"{text!r} is not a CIDR: {problem}"))
+    return f"{iface.ip}/{iface.network.prefixlen}"
 
 
 def _valid_interface(name: str) -> bool:
-    """Linux dev_valid_name (plus iptables' trailing '+' wildcard, which it allows anyway)."""
-    return (
-        0 < len(name) < 16
-        and name not in (".", "..")
-        and not any(c in name for c in "/: \t\n\r\v\f")
-    )
+    """Linux dev_valid_name (1-15 bytes, no `/`, `:` or whitespace, not . or ..), narrowed to
+    characters neither iptables-restore nor nft reads as syntax; `+` only as the last one."""
+    body = name[:-1] if name.endswith("+") and len(name) > 1 else name
+    return len(name) < 16 and name not in (".", "..") and bool(_INTERFACE.fullmatch(body))
 
 
 def _proxy_uids(values: _Values, system: System) -> tuple[str, ...]:
@@ -371,13 +444,13 @@ def _ids(raw: Raw, system: System, *, user: bool) -> tuple[str, ...]:
     for item in ids:
         if item.isascii() and item.isdigit():
             if int(item) > 2**32 - 2:
-                raise OptionError(f'invalid value "{raw.text}" for {raw.origin}: {item} too large')
+                raise invalid(raw, f"{item} too large")
             continue
+        if not _NAME.fullmatch(item):
+            raise invalid(raw, f"{item!r} is not a {kind} name or ID")
         known = system.user_id(item) is not None if user else system.group_exists(item)
         if not known:
-            raise OptionError(
-                f'invalid value "{raw.text}" for {raw.origin}: unknown {kind} "{item}"'
-            )
+            raise invalid(raw, f"unknown {kind} {item!r}")
     return tuple(ids)
 
 
@@ -391,17 +464,18 @@ def _enable_ipv6(values: _Values, system: System) -> bool:
 def _dns_servers(
     values: _Values, system: System, read_resolv: bool
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """--dns-servers verbatim; else resolv.conf canonicalised, only when Istio would read it."""
+    """--dns-servers as written (text made from each parsed address); else resolv.conf
+    canonicalised, only when Istio would read it."""
     raw = values._raw["dns_servers"]
     if raw.explicit:
-        texts = _split(raw.text)
-        for text in texts:
-            try:
-                ipaddress.ip_address(text)
-            except ValueError as err:
-                raise values.fail("dns_servers", f'"{text}" is not an IP address') from err
+        fail = functools.partial(values.fail, "dns_servers")
+        texts = [address_text(_address(t, fail), "." in t) for t in _split(raw.text)]
     elif read_resolv:
-        found = parse_resolv_conf(system.read_text(values.text("resolv_conf")))
+        try:
+            text = system.read_text(values.text("resolv_conf"))
+        except EnvironmentFactError as err:
+            raise values.fail("resolv_conf", str(err)) from None
+        found = parse_resolv_conf(text)
         texts = [str(addr) for addr in found]
     else:
         texts = []

@@ -10,7 +10,7 @@ import logging
 import re
 import shutil
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from meshnet import netns, proc
@@ -190,12 +190,15 @@ class IptablesRunner:
             raise BackendError(_failure(argv, result))
         return result.stdout
 
-    def restore(self, text: str) -> None:
+    def restore(self, text: str, tables: Collection[str] | None = None) -> None:
         """Apply restore text with `<restore> --noflush` on stdin.
 
         Each table block is committed on its own: a failure leaves the failing table untouched
-        but keeps tables committed before it (both legacy and nft behave so).
+        but keeps tables committed before it (both legacy and nft behave so). `tables`: the
+        tables the plan touches; text naming any other is refused before it runs, because a
+        rollback only puts back the planned tables.
         """
+        _check_restore_text(text, tables)
         self._restore(text, "--noflush")
 
     def restore_replace(self, text: str) -> None:
@@ -239,6 +242,24 @@ class IptablesRunner:
 
     def _wait_flag(self) -> tuple[str, ...]:
         return (LOCK_WAIT_FLAG,) if self.binary.needs_lock else ()
+
+
+_RESTORE_LINE = re.compile(r"\* ?\S+|:\S+ \S+( \[\d+:\d+\])?|-[ADINFX] \S.*|COMMIT|#.*|")
+
+
+def _check_restore_text(text: str, tables: Collection[str] | None) -> None:
+    """Every line one iptables-restore statement; with `tables`, only those tables named."""
+    if "\x00" in text or "\r" in text:
+        raise BackendError("refusing restore input with a NUL or CR character")
+    for number, line in enumerate(text.split("\n"), 1):
+        if not _RESTORE_LINE.fullmatch(line):
+            raise BackendError(f"refusing restore input line {number}: {line[:80]!r}")
+        table = line[1:].strip() if line.startswith("*") else None
+        if table is not None and tables is not None and table not in tables:
+            raise BackendError(
+                f"refusing restore input: line {number} names table {table!r}, "
+                f"which the plan does not touch ({', '.join(sorted(tables)) or 'none'})"
+            )
 
 
 def _lock_env(binary: IptablesBinary, lockfile: str | None) -> Mapping[str, str] | None:

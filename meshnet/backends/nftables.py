@@ -10,10 +10,12 @@ import shutil
 
 from meshnet import proc
 from meshnet.errors import BackendError
+from meshnet.render.nft import check_script
 
 MIN_VERSION = (1, 0, 1)  # knftables' requirement, which Istio inherits
 _VERSION = re.compile(r"v(\d+(?:\.\d+)+)")
-_TIMEOUT = 60.0
+# nft answers in milliseconds; a script that waits (`monitor`) must end in a clear error.
+_TIMEOUT = 10.0
 
 
 class Nft:
@@ -42,14 +44,15 @@ class Nft:
         return version
 
     def apply(self, transaction: str) -> None:
-        """`nft -f -`: the whole transaction, or nothing."""
-        result = proc.run(["nft", "-f", "-"], stdin=transaction, timeout=_TIMEOUT)
+        """`nft -f -`: the whole transaction, or nothing (never a file include or a monitor)."""
+        result = proc.run(["nft", "-f", "-"], stdin=check_script(transaction), timeout=_TIMEOUT)
         if result.returncode != 0:
             raise BackendError(f"`nft -f -` failed: {proc.stderr_summary(result)}")
 
     def check(self, transaction: str) -> None:
         """`nft --check -f -`: parse and validate without committing."""
-        result = proc.run(["nft", "--check", "-f", "-"], stdin=transaction, timeout=_TIMEOUT)
+        argv = ["nft", "--check", "-f", "-"]
+        result = proc.run(argv, stdin=check_script(transaction), timeout=_TIMEOUT)
         if result.returncode != 0:
             raise BackendError(f"`nft --check -f -` failed: {proc.stderr_summary(result)}")
 

@@ -18,7 +18,7 @@ from meshnet.cni.plugin import (
     k8s_args,
     require_env,
 )
-from meshnet.cni.pod import PodDecision, annotation_of, decide
+from meshnet.cni.pod import PodDecision, decide, origin_of
 from meshnet.environment import HostSystem
 from meshnet.errors import MeshnetError
 from meshnet.flags import ENV_ONLY
@@ -140,7 +140,7 @@ def _options(call: Call, decision: PodDecision) -> Options:
     environ = {name: call.env[name] for name in _PLUGIN_ENV if name in call.env}
     raw = options.gather({}, environ)
     for key, text in decision.flags.items():
-        raw[key] = Raw(text, f"annotation {annotation_of(key)}", explicit=True)
+        raw[key] = Raw(text, origin_of(key), explicit=True)
     raw["network_namespace"] = Raw(call.netns, "CNI_NETNS", explicit=True)
     raw["native_nftables"] = Raw(
         "true" if call.config.get("native_nftables") else "false", "native_nftables", explicit=True

@@ -1,6 +1,9 @@
 """A pod object → whether it gets rules, and the istio-iptables options it gets (SPEC-istio §5.2).
 
-Pure: the pod JSON in, a decision and option texts out, keyed like `meshnet.flags`.
+Pure: the pod JSON in, a decision and option texts out, keyed like `meshnet.flags`. Whoever may
+create pods writes these values and the plugin runs as root on the node, so each value must be
+text of the expected JSON type here, and `meshnet.options.build` then checks it like a flag,
+naming the annotation or pod field (`origin_of`) when it refuses it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ ANNOTATIONS = {  # annotation -> (option key, default)
 EXCLUDE_INBOUND = "traffic.sidecar.istio.io/excludeInboundPorts"
 REROUTE = ("istio.io/reroute-virtual-interfaces", "traffic.sidecar.istio.io/kubevirtInterfaces")
 ALWAYS_EXCLUDED_INBOUND = ("15020", "15021", "15090")
+RUN_AS = {  # option key -> the pod field it comes from
+    "proxy_uid": "spec.containers[istio-proxy].securityContext.runAsUser",
+    "proxy_gid": "spec.containers[istio-proxy].securityContext.runAsGroup",
+}
+_MAX_ID = 2**31 - 1  # Kubernetes validates runAsUser/runAsGroup to 0..2147483647
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,21 +100,42 @@ def _flags(
         "cni_mode": "true",
     }
     for annotation, (key, default) in ANNOTATIONS.items():
-        flags[key] = _trimmed_list(annotations.get(annotation, default), key)
+        flags[key] = _trimmed_list(_text(annotations, annotation, default), key)
     mode = flags["inbound_interception_mode"]
     if mode not in ("REDIRECT", "TPROXY"):
         raise _invalid("sidecar.istio.io/interceptionMode", mode, "expected REDIRECT or TPROXY")
-    flags["local_exclude_ports"] = _exclude_inbound(annotations.get(EXCLUDE_INBOUND))
-    reroute = annotations.get(REROUTE[0], annotations.get(REROUTE[1], ""))
+    flags["local_exclude_ports"] = _exclude_inbound(_text(annotations, EXCLUDE_INBOUND, ""))
+    reroute_key = REROUTE[0] if REROUTE[0] in annotations else REROUTE[1]
+    reroute = _text(annotations, reroute_key, "")
     flags["kube_virt_interfaces"] = ",".join(p.strip() for p in reroute.split(",") if p.strip())
     security = proxy.get("securityContext") or {}
-    flags["proxy_uid"] = str(security.get("runAsUser") or 1337)  # 0 or absent: 1337
-    flags["proxy_gid"] = str(security.get("runAsGroup") or 1337)
+    flags["proxy_uid"] = _run_as(security, "runAsUser", "proxy_uid")  # 0 or absent: 1337
+    flags["proxy_gid"] = _run_as(security, "runAsGroup", "proxy_gid")
     dns = _env_bool(env, "ISTIO_META_DNS_CAPTURE")
     flags["redirect_dns"] = flags["capture_all_dns"] = dns  # CNI always captures all DNS
     flags["dual_stack"] = _env_bool(env, "ISTIO_DUAL_STACK")
     flags["drop_invalid"] = _env_bool(env, "INVALID_DROP")
     return flags
+
+
+def _text(annotations: Mapping[str, Any], annotation: str, default: str) -> str:
+    """An annotation's value; the API server only stores strings, a stub might not."""
+    value = annotations.get(annotation, default)
+    if not isinstance(value, str):
+        raise _invalid(annotation, repr(value), "expected a string")
+    return value
+
+
+def _run_as(security: Mapping[str, Any], field: str, key: str) -> str:
+    value = security.get(field)
+    if value is None or value == 0:
+        return "1337"  # Istio: 0 or absent means the proxy's default UID/GID
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_ID:
+        raise OptionError(
+            f"invalid value {value!r} for pod field {RUN_AS[key]}: "
+            f"expected an integer from 0 to {_MAX_ID}"
+        )
+    return str(value)
 
 
 def _trimmed_list(value: str, key: str) -> str:
@@ -130,7 +159,14 @@ def _env_bool(env: dict[str, str], name: str) -> str:
 
 
 def _invalid(annotation: str, value: str, problem: str) -> OptionError:
-    return OptionError(f'annotation value error for value "{value}" of {annotation}: {problem}')
+    return OptionError(f"annotation value error for value {value!r} of {annotation}: {problem}")
+
+
+def origin_of(key: str) -> str:
+    """How an error names where an option set from a pod came from."""
+    if key in RUN_AS:
+        return f"pod field {RUN_AS[key]}"
+    return f"annotation {annotation_of(key)}"
 
 
 def annotation_of(key: str) -> str:

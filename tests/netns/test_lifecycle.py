@@ -705,8 +705,8 @@ def test_missing_iptables_binary_fails_and_changes_nothing(
 @pytest.mark.parametrize(
     ("flags", "code", "named"),
     [
-        ((*STANDARD, "-p", "0"), 1, '"0" for -p/--envoy-port'),
-        ((*STANDARD, "-b", "80,x"), 1, '"80,x" for -b/--istio-inbound-ports'),
+        ((*STANDARD, "-p", "0"), 1, "'0' for -p/--envoy-port"),
+        ((*STANDARD, "-b", "80,x"), 1, "'80,x' for -b/--istio-inbound-ports"),
         ((*STANDARD, "--no-such-flag"), 255, "--no-such-flag"),
         ((*STANDARD, "--output-format", "json"), 1, "--output-format 'json' only chooses"),
         ((*STANDARD, "--output-format", "nft"), 1, "add --dry-run"),

@@ -45,9 +45,9 @@ def _plan(args: list[str], env: Mapping[str, str] | None = None) -> NftRuleset:
 
 
 def _final(ruleset: NftRuleset) -> Chains:
-    """The model's final per-chain order, as rule texts."""
+    """The model's final per-chain order, as rule texts (as the renderer writes them)."""
     return {
-        table: {chain: [rule.text for rule in rules] for chain, rules in chains.items()}
+        table: {chain: [nft.rule_text(rule) for rule in rules] for chain, rules in chains.items()}
         for table, chains in ruleset.chains().items()
     }
 
