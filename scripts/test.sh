@@ -22,7 +22,7 @@ echo "== pytest"
 if $quick; then
   exec .venv/bin/python -m pytest -p no:cacheprovider -q tests/unit \
     tests/conformance/test_istio_iptables.py tests/conformance/test_istio_nftables.py \
-    tests/conformance/test_cni_install.py "$@"
+    tests/conformance/test_cni_install.py tests/hostile/test_boundary.py "$@"
 fi
 if [ "$(id -u)" != 0 ]; then
   echo "test: the network-namespace tests need root; run this as root." >&2
