@@ -23,6 +23,7 @@ import pytest
 from tests.support import meshnet
 
 from . import explain_oracle
+from .explain_oracle import explain_agrees_with_the_kernel  # noqa: F401 (autouse fixture)
 from .harness import (
     FAMILIES,
     PYTHON,
@@ -93,29 +94,6 @@ def apply_rules(
     result = meshnet(argv, env)
     assert result.returncode == 0, f"meshnet {argv} exited {result.returncode}: {result.stderr}"
     explain_oracle.record(topo, argv, env)
-
-
-@pytest.fixture(autouse=True)
-def explain_agrees_with_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every probe of this file is also walked through the plan by `explain` and compared."""
-    original = Topology.probe
-
-    def probe(
-        self: Topology,
-        ns: str,
-        dst: str,
-        port: int,
-        proto: str = "tcp",
-        uid: int | None = 0,
-        gid: int | None = 0,
-        timeout: float = 2.0,
-        src: str | None = None,
-    ) -> Landing:
-        landing = original(self, ns, dst, port, proto, uid, gid, timeout, src)
-        explain_oracle.check(self, ns, dst, port, proto, uid, gid, landing, src)
-        return landing
-
-    monkeypatch.setattr(Topology, "probe", probe)
 
 
 @dataclass(frozen=True)
