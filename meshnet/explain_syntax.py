@@ -36,16 +36,14 @@ def _proto(value: str) -> Condition:
     return lambda p, k: p.proto == value
 
 
-def _address(which: str, cidr: str, version: int | None = None) -> Condition:
+def _address(which: str, cidr: str) -> Condition:
     network = ipaddress.ip_network(cidr, strict=False)
 
     def test(p: Probe, _k: Packet) -> bool:
         address = p.src if which == "src" else p.dst
         return address is not None and address.version == network.version and address in network
 
-    if version is None:
-        return test
-    return lambda p, k: p.dst.version == version and test(p, k)
+    return test
 
 
 def _interface(which: str, name: str) -> Condition:
@@ -56,10 +54,10 @@ def _interface(which: str, name: str) -> Condition:
     return test
 
 
-def _port(which: str, ports: Sequence[str], proto: str | None = None) -> Condition:
+def _port(which: str, ports: Sequence[str]) -> Condition:
     def test(p: Probe, _k: Packet) -> bool:
         actual = p.dport if which == "dport" else p.sport
-        return (proto is None or p.proto == proto) and str(actual) in ports
+        return str(actual) in ports
 
     return test
 
@@ -155,16 +153,44 @@ def _iptables_target(target: str, args: Sequence[str]) -> list[Action]:
 
 # --- nftables -------------------------------------------------------------------------------
 
+
+def _family(version: int) -> Condition:
+    return lambda p, k: p.dst.version == version
+
+
+def _outbound(p: Probe, _k: Packet) -> bool:
+    return p.direction == "out"
+
+
+# What nft compiles in front of a match (nftables src/payload.c, payload_gen_dependency): an
+# `ip ...` match only ever sees IPv4 packets, `ip6 ...` IPv6, `tcp dport` TCP. The dependency is
+# not negated by `!=` nor widened by a set: `ip daddr != 127.0.0.1/32` never matches IPv6.
+# `meta l4proto`, `meta nfproto` and `th dport` carry none. `meta skuid`/`skgid` need the
+# packet's local socket (nft_meta_get_eval breaks the rule without one, `!=` included), so only
+# outbound probes can match them. Keyed by the selector's first word, `meta` left out.
+_IMPLIED: dict[str, Condition] = {
+    "ip": _family(4),
+    "ip6": _family(6),
+    "tcp": _proto("tcp"),
+    "udp": _proto("udp"),
+    "skuid": _outbound,
+    "skgid": _outbound,
+}
 _SELECTORS = {
     ("meta", "l4proto"),
+    ("meta", "nfproto"),
     ("tcp", "dport"),
     ("udp", "dport"),
     ("tcp", "sport"),
     ("udp", "sport"),
+    ("th", "dport"),
+    ("th", "sport"),
     ("ip", "saddr"),
     ("ip", "daddr"),
+    ("ip", "protocol"),
     ("ip6", "saddr"),
     ("ip6", "daddr"),
+    ("ip6", "nexthdr"),
     ("ct", "state"),
     ("ct", "mark"),
     ("meta", "skuid"),
@@ -172,6 +198,7 @@ _SELECTORS = {
     ("meta", "mark"),
 }
 _SINGLE = {"oifname", "iifname", "skuid", "skgid", "mark"}
+_NFPROTO = {"ipv4": 4, "ipv6": 6}
 
 
 def parse_nft(
@@ -230,22 +257,29 @@ def _nft_match(
     else:
         values, index = [tokens[index]], index + 1
     if values[0].startswith("@"):  # a named set (meshnet's --cidr-sets)
-        version = 4 if selector[0] == "ip" else 6
-        members = sets[values[0][1:]]
-        test = _in_set(members)
-        return _negate(lambda p, k: p.dst.version == version and test(p, k), negated), index
-    return _negate(_nft_condition(selector, values), negated), index
+        test = _in_set(sets[values[0][1:]])
+    else:
+        test = _nft_condition(selector, values)
+    test = _negate(test, negated)
+    implied = _IMPLIED.get(selector[-1] if selector[0] == "meta" else selector[0])
+    if implied is None:
+        return test, index
+    return (lambda p, k: implied(p, k) and test(p, k)), index
 
 
 def _nft_condition(selector: Sequence[str], values: list[str]) -> Condition:
     head = selector[0]
     key = selector[-1]
-    if key == "l4proto":
-        return _proto(values[0])
+    if key in ("l4proto", "protocol", "nexthdr"):
+        return lambda p, k: p.proto in values
+    if key == "nfproto":
+        versions = [_NFPROTO[value] for value in values]
+        return lambda p, k: p.dst.version in versions
     if key in ("dport", "sport"):
-        return _port(key, values, proto=head)
+        return _port(key, values)
     if key in ("saddr", "daddr"):
-        return _address("src" if key == "saddr" else "dst", values[0], 4 if head == "ip" else 6)
+        tests = [_address("src" if key == "saddr" else "dst", value) for value in values]
+        return lambda p, k: any(test(p, k) for test in tests)
     if key in ("oifname", "iifname"):
         return _interface(key[:3], values[0].strip('"'))
     if key in ("skuid", "skgid"):

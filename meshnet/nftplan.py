@@ -11,6 +11,9 @@ Differences from the iptables plan that are visible in the goldens:
 - inserts use 0-based nft indexes, and Istio turns an insert whose index is not below the number
   of rules already added to that chain *in this transaction* into an append (`_transaction`);
 - chains come from a fixed per-table list, and only those that receive a rule are created.
+
+One difference from Istio, on purpose: with IPv6 off, every base chain starts with
+`meta nfproto ipv6 counter return` (`_ipv4_only`), so that IPv6 is left alone as in iptables mode.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ DNS_PORT = "53"
 DNS_PROXY_PORT = "15053"  # constants.IstioAgentDNSListenerPort
 OUTBOUND_MARK = "1338"  # constants.OutboundMark, hard-coded in Istio
 COUNTER = "counter"  # constants.Counter: Istio puts it right before every verdict/statement
+# meshnet's own first rule of every base chain when IPv6 is off (`_ipv4_only`).
+IPV4_ONLY = ("meta", "nfproto", "ipv6", COUNTER, "return")
 
 Action = Literal["rebuild", "delete"]
 
@@ -257,6 +262,8 @@ def plan_nft(options: Options) -> NftRuleset:
     tables = tuple(
         table for name in TABLES if (table := _transaction(name, b.rules[name])) is not None
     )
+    if not options.enable_ipv6:
+        tables = tuple(_ipv4_only(table) for table in tables)
     if tables and tables[0].name == NAT and options.cidr_sets:
         tables = (replace(tables[0], sets=_sets(options)), *tables[1:])
     return NftRuleset(tables, options.enable_ipv6, warnings)
@@ -310,6 +317,23 @@ def _transaction(name: str, rules: list[NftRule]) -> NftTable | None:
         operations.append(rule)
         added[rule.chain] = count + 1
     return NftTable(name, "rebuild", chains, tuple(operations))
+
+
+def _ipv4_only(table: NftTable) -> NftTable:
+    """With IPv6 off, IPv6 packets leave each base chain at its first rule.
+
+    Istio's tables are `inet` and most rules carry no family match, so its nft mode captures an
+    IPv6 connection even when the proxy listens on IPv4 only; in iptables mode the IPv6 side is
+    simply not programmed. The guard is inserted at index 0 as each table's last operation, so
+    it ends up first whatever Istio's own inserts did, and no other operation changes.
+    """
+    why = "IPv6 is off: IPv6 packets are left alone, as ip6tables would be without rules"
+    guards = tuple(
+        NftRule(table.name, chain.name, IPV4_ONLY, why, requested_index=0, index=0)
+        for chain in table.chains
+        if chain.is_base
+    )
+    return replace(table, rules=(*table.rules, *guards))
 
 
 # --- the steps, in Istio's order (NftablesConfigurator.Run) ---------------------------------

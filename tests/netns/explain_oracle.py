@@ -83,3 +83,26 @@ def _explain(argv: list[str], env: dict[str, str], parsed: probe.Probe) -> Any:
     if opts.native_nftables:
         return explain.explain_nft(nftplan.plan_nft(opts), parsed)
     return explain.explain_iptables(planner.plan(opts), parsed)
+
+
+@pytest.fixture(autouse=True)
+def explain_agrees_with_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every probe of a module that imports this fixture is also explained and compared."""
+    original = Topology.probe
+
+    def probe(
+        self: Topology,
+        ns: str,
+        dst: str,
+        port: int,
+        proto: str = "tcp",
+        uid: int | None = 0,
+        gid: int | None = 0,
+        timeout: float = 2.0,
+        src: str | None = None,
+    ) -> Landing:
+        landing = original(self, ns, dst, port, proto, uid, gid, timeout, src)
+        check(self, ns, dst, port, proto, uid, gid, landing, src)
+        return landing
+
+    monkeypatch.setattr(Topology, "probe", probe)

@@ -23,6 +23,7 @@ import pytest
 from tests.support import meshnet
 
 from . import explain_oracle
+from .explain_oracle import explain_agrees_with_the_kernel  # noqa: F401 (autouse fixture)
 from .harness import (
     FAMILIES,
     PYTHON,
@@ -93,29 +94,6 @@ def apply_rules(
     result = meshnet(argv, env)
     assert result.returncode == 0, f"meshnet {argv} exited {result.returncode}: {result.stderr}"
     explain_oracle.record(topo, argv, env)
-
-
-@pytest.fixture(autouse=True)
-def explain_agrees_with_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every probe of this file is also walked through the plan by `explain` and compared."""
-    original = Topology.probe
-
-    def probe(
-        self: Topology,
-        ns: str,
-        dst: str,
-        port: int,
-        proto: str = "tcp",
-        uid: int | None = 0,
-        gid: int | None = 0,
-        timeout: float = 2.0,
-        src: str | None = None,
-    ) -> Landing:
-        landing = original(self, ns, dst, port, proto, uid, gid, timeout, src)
-        explain_oracle.check(self, ns, dst, port, proto, uid, gid, landing, src)
-        return landing
-
-    monkeypatch.setattr(Topology, "probe", probe)
 
 
 @dataclass(frozen=True)
@@ -287,6 +265,13 @@ def test_standard_inbound_passthrough_source_is_not_recaptured(standard_pod: Sta
     assert_landed(landing, "app", 8080, orig_dst=fam.addr(fam.pod, 8080))
 
 
+def test_standard_proxy_to_localhost_is_not_captured(standard_pod: StandardPod) -> None:
+    """issue 17: on nft, `ip daddr != 127.0.0.1/32` does not match ::1 (implied nfproto)."""
+    topo, fam = standard_pod.topo, standard_pod.fam
+    landing = topo.probe(topo.pod_ns, fam.loopback, 8080, uid=PROXY_UID, gid=PROXY_UID)
+    assert_landed(landing, "app", 8080, orig_dst=fam.addr(fam.loopback, 8080))
+
+
 def test_standard_proxy_to_own_pod_ip_goes_through_inbound(standard_pod: StandardPod) -> None:
     topo, fam = standard_pod.topo, standard_pod.fam
     landing = topo.probe(topo.pod_ns, fam.pod, 8080, uid=PROXY_UID, gid=PROXY_UID)
@@ -389,15 +374,23 @@ def assert_inbound_reaches_app(topo: Topology, fam: Family, port: int) -> None:
     assert_landed(landing, "app", port, orig_dst=fam.addr(fam.pod, port), peer=fam.peer)
 
 
-def test_ipv4_detection_leaves_ipv6_uncaptured(topology: Topology) -> None:
+@engine_param
+def test_ipv4_detection_leaves_ipv6_uncaptured(topology: Topology, engine: str | None) -> None:
     """Without --dual-stack, Istio's detection (run inside the pod namespace) sees an IPv4
-    first address: only IPv4 rules, so IPv6 traffic is not intercepted."""
+    first address: IPv6 is off, and no IPv6 connection is captured, on either backend (nft
+    mode's `meta nfproto ipv6 return` guards). IPv4 stays captured."""
     v4, v6 = FAMILIES
-    apply_rules(topology, v4, istio_flags())
+    apply_rules(topology, v4, istio_flags(), backend=engine)
     start_listeners(topology)
     assert_captured_outbound(app_probe(topology, v4.peer, 80), v4, v4.peer, 80)
+    assert_inbound_captured(topology, v4, 8080)
     assert_direct(app_probe(topology, v6.peer, 80), v6.peer, 80)
+    assert_direct(app_probe(topology, v6.peer, 53, proto="udp"), v6.peer, 53)
     assert_inbound_reaches_app(topology, v6, 8080)
+    for dst in (v6.pod, v6.loopback):  # the proxy's and the app's own-pod connections too
+        for uid in (PROXY_UID, APP_UID):
+            landing = topology.probe(topology.pod_ns, dst, 8080, uid=uid, gid=uid)
+            assert_landed(landing, "app", 8080, orig_dst=v6.addr(dst, 8080))
 
 
 @family_param

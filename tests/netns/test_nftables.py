@@ -9,6 +9,8 @@ import pytest
 
 from tests.support import STANDARD_ARGS, meshnet
 
+from . import explain_oracle
+from .explain_oracle import explain_agrees_with_the_kernel  # noqa: F401 (autouse fixture)
 from .harness import V4, V6, Family, Topology
 
 STANDARD = [*STANDARD_ARGS, "--native-nftables", "--dual-stack"]
@@ -28,7 +30,10 @@ def ruleset(topo: Topology) -> str:
 
 
 def run(topo: Topology, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
-    result = meshnet([*args, "--network-namespace", str(topo.pod_path)], env=env)
+    argv = [*args, "--network-namespace", str(topo.pod_path)]
+    result = meshnet(argv, env=env)
+    if result.returncode == 0 and args[0] == "istio-iptables":
+        explain_oracle.record(topo, argv, env)
     return result.returncode, result.stdout + result.stderr
 
 

@@ -10,10 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshnet import explain, nftplan, options, planner, probe
+from meshnet import explain_syntax as syntax
 from meshnet.errors import OptionError
 from tests.support import meshnet
 from tests.unit.test_options import FakeSystem
-from tests.unit.test_planner_properties import flag_values
+from tests.unit.test_planner_properties import bools, env_values, flag_values
 
 STANDARD = {
     "proxy_uid": "1337",
@@ -57,6 +58,37 @@ def test_standard_plan_verdicts(spec: str, kind: str, port: int | None) -> None:
     ipt, nft = _both(STANDARD, spec)
     assert (ipt.kind, ipt.port) == (kind, port)
     assert (nft.kind, nft.port) == (kind, port)
+
+
+def test_proxy_to_ipv6_loopback_is_not_captured_on_the_nft_plan() -> None:
+    """issue 17: `ip daddr != 127.0.0.1/32` carries `meta nfproto ipv4`, so ::1 passes it by."""
+    spec = "out tcp dst=[::1]:8080 uid=1337 gid=1337 local=192.0.2.2,2001:db8::2"
+    for verdict in _both({**STANDARD, "dual_stack": "true"}, spec):
+        assert verdict.kind == "none"
+
+
+@pytest.mark.parametrize(
+    ("rule", "spec", "matches"),
+    [
+        ("ip daddr != 127.0.0.1/32", "out tcp dst=[2001:db8::2]:80", False),
+        ("ip daddr != 127.0.0.1/32", "out tcp dst=192.0.2.2:80", True),
+        ("ip6 daddr != ::1/128", "out tcp dst=192.0.2.2:80", False),
+        ("ip daddr { 10.0.0.0/8, 192.0.2.0/24 }", "out tcp dst=[2001:db8::2]:80", False),
+        ("tcp dport != 53", "out udp dst=192.0.2.2:80", False),
+        ("udp dport { 53, 80 }", "out tcp dst=192.0.2.2:80", False),
+        ("th dport 53", "out udp dst=[2001:db8::2]:53", True),
+        ("meta l4proto tcp", "out tcp dst=[2001:db8::2]:53", True),
+        ("meta nfproto ipv6", "in tcp dst=[2001:db8::1]:80", True),
+        ("meta nfproto ipv6", "in tcp dst=192.0.2.1:80", False),
+        ("skuid != 1337", "in tcp dst=192.0.2.1:80", False),
+        ("ip protocol udp", "out udp dst=[2001:db8::2]:53", False),
+        ("ip6 nexthdr udp", "out udp dst=[2001:db8::2]:53", True),
+    ],
+)
+def test_nft_matches_carry_their_implicit_dependencies(rule: str, spec: str, matches: bool) -> None:
+    conditions, _ = syntax.parse_nft([*rule.split(), "counter", "return"])
+    parsed = probe.parse(spec)
+    assert all(c(parsed, syntax.Packet(mark=0)) for c in conditions) is matches
 
 
 def test_tproxy_inbound_and_dns_capture() -> None:
@@ -124,23 +156,63 @@ def test_cli_bad_probe_exits_1_and_json_output() -> None:
     ]
 
 
-probes = st.builds(
-    lambda direction, proto, uid, gid, dst, port, state: (
-        f"{direction} {proto} uid={uid} gid={gid} dst={dst}:{port} state={state}"
-    ),
-    st.sampled_from(["out", "in"]),
-    st.sampled_from(["tcp", "udp"]),
-    st.sampled_from([0, 1000, 1337, 3000]),
-    st.sampled_from([0, 1337, 3000]),
-    st.sampled_from(["192.0.2.1", "192.0.2.2", "127.0.0.1", "10.1.2.3", "198.51.100.7"]),
-    st.sampled_from([53, 80, 8080, 15006, 15008, 15020, 15021, 31000, 32000]),
-    st.sampled_from(["new", "established"]),
+# Addresses per family: the pod's own (FakeSystem below), loopback, the passthrough source
+# range, a neighbour and an off-link destination.
+POD = {4: "192.0.2.1", 6: "2001:db8::1"}
+DESTINATIONS = {
+    4: ["192.0.2.1", "192.0.2.2", "127.0.0.1", "127.0.0.5", "10.1.2.3", "198.51.100.7"],
+    6: ["2001:db8::1", "2001:db8::2", "::1", "2001:db8:1::5", "fd00::7"],
+}
+PASSTHROUGH = {4: "127.0.0.6", 6: "::6"}
+PROBES_PER_PLAN = 20
+PORTS = [53, 80, 8080, 15001, 15006, 15008, 15020, 15021, 15053, 31000, 32000]
+
+
+def _build(flags: dict[str, str], env: dict[str, str]) -> options.Options:
+    return options.build(options.gather(flags, env), FakeSystem(tuple(POD.values())))
+
+
+def _probe_spec(data: st.DataObject, opts: options.Options) -> str:
+    """A probe of either family; `out` ones run as every proxy uid/gid, an app id or root."""
+    version = data.draw(st.sampled_from([4, 6]))
+    dst = data.draw(st.sampled_from(DESTINATIONS[version]))
+    host = f"[{dst}]" if version == 6 else dst
+    words = [
+        data.draw(st.sampled_from(["out", "in"])),
+        data.draw(st.sampled_from(["tcp", "udp"])),
+        f"dst={host}:{data.draw(st.sampled_from(PORTS))}",
+        f"state={data.draw(st.sampled_from(['new', 'established']))}",
+        f"local={POD[4]},{POD[6]}",
+    ]
+    owners = [int(i) for i in (*opts.proxy_uids, *opts.proxy_gids) if i.isdigit()]
+    ids = st.sampled_from(sorted({0, 1000, 3000, *owners}))
+    words += [f"uid={data.draw(ids)}", f"gid={data.draw(ids)}"]
+    if data.draw(st.booleans()):  # the proxy's inbound passthrough source
+        source = PASSTHROUGH[version]
+        words.append(f"src=[{source}]:4000" if version == 6 else f"src={source}:4000")
+    return " ".join(words)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    flags=flag_values,
+    env=env_values,
+    ipv6=st.sampled_from(["auto", "true", "false"]),
+    dual_stack=bools,
+    data=st.data(),
 )
-
-
-@settings(max_examples=300, deadline=None)
-@given(flags=flag_values, spec=probes)
-def test_iptables_and_nft_plans_give_the_same_verdict(flags: dict[str, str], spec: str) -> None:
-    flags = {**flags, "enable_ipv6": "false"}
-    ipt, nft = _both(flags, spec)
-    assert (ipt.kind, ipt.port) == (nft.kind, nft.port)
+def test_iptables_and_nft_plans_give_the_same_verdict(
+    flags: dict[str, str], env: dict[str, str], ipv6: str, dual_stack: str, data: st.DataObject
+) -> None:
+    """Both families, IPv6 on or off (detected from a dual-stack pod, with and without
+    --dual-stack): the nft plan sends every probe where the iptables plan does."""
+    opts = _build({**flags, "enable_ipv6": ipv6, "dual_stack": dual_stack}, env)
+    ipt_plan, nft_plan = planner.plan(opts), nftplan.plan_nft(opts)
+    for _ in range(PROBES_PER_PLAN):
+        spec = _probe_spec(data, opts)
+        parsed = probe.parse(spec)
+        ipt = explain.explain_iptables(ipt_plan, parsed).verdict
+        nft = explain.explain_nft(nft_plan, parsed).verdict
+        assert (ipt.kind, ipt.port) == (nft.kind, nft.port), spec
+        if parsed.family == "ipv6" and not opts.enable_ipv6:
+            assert nft.kind == "none", spec

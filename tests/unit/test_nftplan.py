@@ -17,7 +17,7 @@ from hypothesis import given, settings
 
 from meshnet import options
 from meshnet.cli import istio_iptables
-from meshnet.nftplan import MANGLE, NAT, RAW, NftRule, NftRuleset, plan_nft
+from meshnet.nftplan import IPV4_ONLY, MANGLE, NAT, RAW, NftRule, NftRuleset, plan_nft
 from meshnet.options import Options
 from meshnet.render import nft
 from tests.support import IN_CI, REPO
@@ -32,6 +32,7 @@ V6 = ["--enable-ipv6", "true"]
 V4 = ["--enable-ipv6", "false"]
 
 Chains = dict[str, dict[str, list[str]]]
+GUARD = " ".join(IPV4_ONLY)  # meshnet's first rule of each base chain with IPv6 off
 
 
 def _options(args: list[str], env: Mapping[str, str] | None = None) -> Options:
@@ -53,7 +54,12 @@ def _final(ruleset: NftRuleset) -> Chains:
 
 
 def _ops(ruleset: NftRuleset, table: str, chain: str) -> list[NftRule]:
-    return [rule for rule in ruleset.rules() if rule.table == table and rule.chain == chain]
+    """Istio's operations on one chain (meshnet's IPv6 guard left out)."""
+    return [
+        rule
+        for rule in ruleset.rules()
+        if rule.table == table and rule.chain == chain and rule.spec != IPV4_ONLY
+    ]
 
 
 def simulate(text: str) -> Chains:
@@ -101,6 +107,7 @@ def test_first_insert_into_an_empty_chain_becomes_an_add() -> None:
     assert (first.requested_index, first.index, first.verb) == (0, None, "add")
     assert (second.requested_index, second.index, second.verb) == (0, 0, "insert")
     assert _final(ruleset)[NAT]["prerouting"] == [
+        GUARD,
         "iifname eth2 counter return",
         "iifname eth1 counter return",
     ]
@@ -111,7 +118,8 @@ def test_insert_at_the_chain_length_becomes_an_add() -> None:
     ruleset = _plan([*BASE, "-m", "TPROXY", "-b", "", *V4])
     inbound = _ops(ruleset, MANGLE, "istio-inbound")
     assert [(r.requested_index, r.index) for r in inbound] == [(0, None), (1, None), (2, None)]
-    assert "insert rule" not in nft.render(ruleset)
+    inserts = [line for line in nft.render(ruleset).splitlines() if "insert rule" in line]
+    assert all(line.endswith(f" index 0 {GUARD}") for line in inserts)
 
 
 def test_insert_below_the_chain_length_stays_an_insert() -> None:
@@ -179,7 +187,11 @@ RICH = [
 
 
 def _family_free(ruleset: NftRuleset) -> list[tuple[str, str, tuple[str, ...]]]:
-    return [(r.table, r.chain, r.spec) for r in ruleset.rules() if "ip6" not in r.spec]
+    return [
+        (r.table, r.chain, r.spec)
+        for r in ruleset.rules()
+        if "ip6" not in r.spec and r.spec != IPV4_ONLY
+    ]
 
 
 def test_a_rule_without_addresses_is_one_inet_rule_for_both_families() -> None:
@@ -280,7 +292,7 @@ def test_v6_only_dns_servers_without_ipv6_jump_to_missing_chains() -> None:
     chains = _final(_plan(args))
     assert "counter jump istio-output-dns" in chains[NAT]["istio-output"]
     assert "istio-output-dns" not in chains[NAT]
-    assert chains[RAW]["prerouting"] == ["counter jump istio-inbound"]
+    assert chains[RAW]["prerouting"] == [GUARD, "counter jump istio-inbound"]
     assert "istio-inbound" not in chains[RAW]
 
 
@@ -370,6 +382,32 @@ def test_ipv6_only_adds_ip6_rules(flags: dict[str, str], env: dict[str, str]) ->
     )
     assert _family_free(v6) == _family_free(v4)
     assert not any("ip6" in rule.spec for rule in v4.rules())
+    assert _guarded_chains(v4) == _base_chains(v4)
+    assert _guarded_chains(v6) == []
+
+
+def _base_chains(ruleset: NftRuleset) -> list[tuple[str, str]]:
+    return [(t.name, c.name) for t in ruleset.tables for c in t.chains if c.is_base]
+
+
+def _guarded_chains(ruleset: NftRuleset) -> list[tuple[str, str]]:
+    """Chains whose first rule is the guard; the guard must be nowhere else."""
+    final = _final(ruleset)
+    guards = [
+        (t, c) for t, chains in final.items() for c, rules in chains.items() if GUARD in rules
+    ]
+    assert all(final[t][c].count(GUARD) == 1 and final[t][c][0] == GUARD for t, c in guards)
+    return guards
+
+
+def test_ipv6_off_guards_every_base_chain_first() -> None:
+    """-k inserts at index 0 of nat prerouting; the guard still ends up in front of it."""
+    ruleset = _plan([*RICH, "--drop-invalid", *V4])
+    base = _base_chains(ruleset)
+    assert {table for table, _ in base} == {NAT, MANGLE, RAW} and len(base) == 6
+    assert _guarded_chains(ruleset) == base
+    prerouting = _final(ruleset)[NAT]["prerouting"]
+    assert prerouting[0] == GUARD and prerouting[1].startswith("iifname eth1 ")
 
 
 # --- meshnet's own goldens ----------------------------------------------------------------------
@@ -415,6 +453,7 @@ CHECKED = {
         *V6,
     ],
     "cleanup": [*BASE, "--cleanup-only", *V6],
+    "ipv4-only-tproxy-virt-dns": [*RICH, "-k", "eth1", "--redirect-dns", "--capture-all-dns", *V4],
 }
 
 
