@@ -6,14 +6,13 @@ Everything runs in the calling thread's network namespace (see `meshnet.netns.en
 
 from __future__ import annotations
 
-import logging
 import re
 import shutil
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from meshnet import netns, proc
+from meshnet import logs, netns, proc
 from meshnet.errors import BackendError
 
 __all__ = [
@@ -23,8 +22,6 @@ __all__ = [
     "detect",
     "probe",
 ]
-
-_log = logging.getLogger(__name__)
 
 LOCK_WAIT_FLAG = "--wait=30"
 """Appended to every write command when the binary takes the xtables lock."""
@@ -87,11 +84,11 @@ def detect(ipv6: bool, force: str = "", *, lockfile: str | None = None) -> Iptab
         try:
             return probe(f"{prefix}-legacy", lockfile=lockfile)
         except BackendError as err:
-            _log.debug("did not find (or cannot use) %s-legacy: %s", prefix, err)
+            logs.get().debug(f"did not find (or cannot use) {prefix}-legacy", error=str(err))
     try:
         return probe(f"{prefix}-nft", lockfile=lockfile)
     except BackendError as err:
-        _log.debug("did not find (or cannot use) %s-nft: %s", prefix, err)
+        logs.get().debug(f"did not find (or cannot use) {prefix}-nft", error=str(err))
     return probe(prefix, lockfile=lockfile)
 
 
@@ -145,7 +142,7 @@ def _read_version(save: str) -> tuple[tuple[int, ...], bool]:
     """(version, legacy) from `<save> --version`; very old savers reject it: assume 0.0.0 legacy."""
     result = proc.run([save, "--version"], timeout=_SAVE_TIMEOUT)
     if result.returncode != 0 or "unrecognized option" in result.stderr:
-        _log.warning("%s does not support --version, assuming a very old legacy version", save)
+        logs.get().warning(f"{save} does not support --version, assuming a very old legacy version")
         return (0, 0, 0), True
     match = _VERSION_PATTERN.search(result.stdout)
     if match is None:

@@ -73,7 +73,7 @@ def _needs_stdin() -> bool:
 
 def run(stdin: str, environ: Mapping[str, str]) -> int:
     """Handle one CNI call; returns the exit code. Never raises."""
-    logs.configure_light()  # before anything can log: stdout is reserved for the CNI result
+    logs.configure("json")  # before anything can log: stdout is reserved for the CNI result
     command = environ.get("CNI_COMMAND", "")
     if not command:
         sys.stderr.write(
@@ -87,7 +87,7 @@ def run(stdin: str, environ: Mapping[str, str]) -> int:
             return 0
         call = Call(command, environ, _parse_config(stdin))
         version = call.version
-        logs.configure_light(f"default:{call.config.get('plugin_log_level') or 'info'}")
+        logs.configure("json", f"default:{call.config.get('plugin_log_level') or 'info'}")
         result = _dispatch(call)
         if result is not None:
             _print(result)
