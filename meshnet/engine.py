@@ -353,7 +353,7 @@ def purge(namespace: str | None = None) -> set[str]:
             dump = proc.run([save], timeout=30)
             if dump.returncode != 0 or ":ISTIO_" not in dump.stdout:
                 continue
-            runner = IptablesRunner(describe(f"{prefix}-{variant}"), lockfile=lockfile)
+            runner = IptablesRunner(describe(f"{prefix}-{variant}", dump.stdout), lockfile=lockfile)
             runner.restore(purge_text(dump.stdout))
             removed |= {
                 f"{prefix}:{line[1:].split()[0]}"
