@@ -30,7 +30,7 @@ _LOCKING_VERSION = (1, 6, 2)  # legacy iptables(-restore) takes the lock from he
 _LOCKFILE_ENV_VERSION = (1, 8, 6)  # XTABLES_LOCKFILE is honoured from here on
 _VERSION_PATTERN = re.compile(r"v([0-9]+(\.[0-9]+)+)")
 # Protocol 255 never matches; nat (not filter) so a missing iptable_nat module is detected.
-_PROBE = "*nat\n-A INPUT -p 255 -j RETURN\n-D INPUT -p 255 -j RETURN\nCOMMIT\n"
+_PROBE_RULE = ("-t", "nat", "-A", "INPUT", "-p", "255", "-j", "RETURN")
 
 _SAVE_TIMEOUT = 30.0
 _WRITE_TIMEOUT = 45.0  # longer than the 30 s lock wait
@@ -195,15 +195,17 @@ def _version_of(match: re.Match[str]) -> tuple[int, ...]:
 
 
 def _probe_kernel_support(found: IptablesBinary, lockfile: str | None) -> None:
-    """Istio's `iptables -t nat -A INPUT -p 255 -j RETURN` then `-D`, as one restore (one
-    process instead of two; the table is written and left as after the pair)."""
-    try:
-        IptablesRunner(found, lockfile=lockfile).restore(_PROBE)
-    except BackendError as err:
+    runner = IptablesRunner(found, lockfile=lockfile)
+    added = runner.run(_PROBE_RULE)
+    if added.returncode != 0 or "does not exist" in added.stderr:
         raise BackendError(
             f"iptables binary {found.binary} has no loaded kernel support and cannot be used, "
-            f"err: {err}"
-        ) from None
+            f"err: exit status {added.returncode} out: {added.stderr.strip()}"
+            + _permission_hint(added.stderr)
+        )
+    removal = list(_PROBE_RULE)
+    removal[2] = "-D"
+    runner.run(removal)  # best effort, as Istio: the rule never matches anything anyway
 
 
 class IptablesRunner:
