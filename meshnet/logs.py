@@ -1,13 +1,14 @@
 """Logging: structured, on stderr only (stdout carries rules and CNI results).
 
-The commands use structlog (text or JSON). The CNI plugin, which the runtime starts once per
-pod and often ~110 times at once, uses a small JSON logger with the same call shape instead:
-importing structlog costs ~24 ms of CPU per process (it pulls in asyncio), a fifth of an ADD.
+Text (`time [level    ] event    key=value ...`, structlog's console layout without colours) or
+JSON lines (`{...fields, "event", "level", "timestamp"}`, structlog's JSONRenderer layout).
+meshnet writes these itself instead of importing structlog: `import structlog` imports
+`structlog.stdlib` and `structlog._native`, which import asyncio and with it ssl, ~60 ms of
+a 100 ms init container start, for five logging calls.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from typing import Any, Protocol
@@ -22,6 +23,8 @@ _LEVELS = {
     "fatal": CRITICAL,
     "none": CRITICAL + 10,
 }
+_EVENT_WIDTH = 30  # structlog's ConsoleRenderer pads the event to this width
+_QUOTED = frozenset(" \t=\r\n\"'")  # a text value holding any of these is shown as repr()
 
 
 class Logger(Protocol):
@@ -46,54 +49,27 @@ def level_of(istio_level: str) -> int:
     return level
 
 
-class _Settings:
-    light: _JsonLogger | None = None  # set by configure_light(); None means structlog
-
-
 def configure(fmt: str = "text", level: str = "default:info") -> None:
-    import structlog
-
-    _Settings.light = None
-    renderer: structlog.types.Processor
-    if fmt == "json":
-        renderer = structlog.processors.JSONRenderer()
-    else:
-        renderer = structlog.dev.ConsoleRenderer(colors=False)
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level_of(level)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
-    )
-
-
-def configure_light(level: str = "default:info") -> None:
-    """JSON lines on stderr without importing structlog (the CNI plugin's hot path)."""
-    _Settings.light = _JsonLogger(level_of(level), {})
+    """`fmt` is "text" or "json"; `level` is Istio's --log_output_level."""
+    _Settings.logger = _Logger(level_of(level), fmt == "json", {})
 
 
 def get() -> Logger:
-    if _Settings.light is not None:
-        return _Settings.light
-    import structlog
-
-    logger: Logger = structlog.get_logger("meshnet")
-    return logger
+    return _Settings.logger
 
 
-class _JsonLogger:
-    """The subset of structlog's bound logger that meshnet uses, as JSON lines on stderr."""
+class _Logger:
+    """The subset of structlog's bound logger that meshnet uses, written to stderr."""
 
-    def __init__(self, level: int, fields: dict[str, Any]) -> None:
+    __slots__ = ("_fields", "_json", "_level")
+
+    def __init__(self, level: int, as_json: bool, fields: dict[str, Any]) -> None:
         self._level = level
+        self._json = as_json
         self._fields = fields
 
-    def bind(self, **fields: Any) -> _JsonLogger:
-        return _JsonLogger(self._level, {**self._fields, **fields})
+    def bind(self, **fields: Any) -> _Logger:
+        return _Logger(self._level, self._json, {**self._fields, **fields})
 
     def debug(self, event: str, **fields: Any) -> None:
         self._emit(DEBUG, "debug", event, fields)
@@ -110,6 +86,30 @@ class _JsonLogger:
     def _emit(self, level: int, name: str, event: str, fields: dict[str, Any]) -> None:
         if level < self._level:
             return
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z"
-        record = {**self._fields, **fields, "event": event, "level": name, "timestamp": stamp}
-        sys.stderr.write(json.dumps(record, default=str) + "\n")
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{_micros(now):06d}Z"
+        merged = {**self._fields, **fields}
+        if self._json:
+            import json  # only JSON output pays for the encoder
+
+            record = {**merged, "event": event, "level": name, "timestamp": stamp}
+            line = json.dumps(record, default=repr)
+        else:
+            pairs = " ".join(f"{key}={_text(merged[key])}" for key in sorted(merged))
+            head = f"{stamp} [{name:<9}] {event}"
+            line = f"{head}{' ' * (_EVENT_WIDTH - len(event))} {pairs}" if pairs else head
+        sys.stderr.write(line + "\n")
+
+
+class _Settings:
+    logger = _Logger(INFO, False, {})  # text at info until configure() is called
+
+
+def _micros(now: float) -> int:
+    return min(int((now % 1) * 1_000_000), 999_999)
+
+
+def _text(value: object) -> str:
+    if isinstance(value, str) and not _QUOTED & set(value):
+        return value
+    return repr(value)

@@ -16,7 +16,7 @@ from meshnet.environment import HostSystem
 from meshnet.errors import MeshnetError, OptionError
 from meshnet.model import Ruleset
 from meshnet.options import Options
-from meshnet.render import jsonout, restore, transcript
+from meshnet.render import restore, transcript
 
 
 @contextmanager
@@ -71,6 +71,8 @@ def render(opts: Options, ruleset: Ruleset) -> str:
     if opts.output_format == "transcript":
         return transcript.render(ruleset, cleanup_only=opts.cleanup_only)
     if opts.output_format == "json":
+        from meshnet.render import jsonout  # the json encoder only for this output
+
         return jsonout.render(ruleset)
     if opts.output_format == "dot":
         from meshnet.render import dot

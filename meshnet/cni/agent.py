@@ -543,7 +543,7 @@ def run(settings: Settings, hooks: Sequence[Hook] = ()) -> int:
 
 def main(environ: Mapping[str, str] | None = None, hooks: Sequence[Hook] = ()) -> int:
     env = os.environ if environ is None else environ
-    logs.configure_light(f"default:{env.get('MESHNET_LOG_LEVEL') or 'info'}")
+    logs.configure("json", f"default:{env.get('MESHNET_LOG_LEVEL') or 'info'}")
     try:
         return run(Settings.from_env(env), hooks)
     except MeshnetError as err:

@@ -76,7 +76,7 @@ def _needs_stdin() -> bool:
 
 def run(stdin: str, environ: Mapping[str, str]) -> int:
     """Handle one CNI call as the standalone process: print the output, return the exit code."""
-    logs.configure_light()  # before anything can log: stdout is reserved for the CNI result
+    logs.configure("json")  # before anything can log: stdout is reserved for the CNI result
     output, code = respond(stdin, environ, configure_logs=True)
     if output:
         sys.stdout.write(output)
@@ -106,7 +106,7 @@ def respond(
         version = call.version
         _check_numbers(call.config)
         if configure_logs:
-            logs.configure_light(f"default:{call.config.get('plugin_log_level') or 'info'}")
+            logs.configure("json", f"default:{call.config.get('plugin_log_level') or 'info'}")
         result = _dispatch(call)
         return ("" if result is None else _render(result)), 0
     except CniError as err:

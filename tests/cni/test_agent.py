@@ -394,7 +394,7 @@ def test_a_failing_hook_is_logged_and_the_others_still_run(
         raise RuntimeError("metrics down")
 
     monkeypatch.setattr(logs._Settings, "light", logs._Settings.light)  # restored afterwards
-    logs.configure_light()
+    logs.configure("json")
     pool = agent_mod.Pool(1, [broken, seen.append], netns.current_inode())
     job = agent_mod.Job(agent_mod.Request("VERSION", {"CNI_COMMAND": "VERSION"}, ""))
     pool.submit(job)
