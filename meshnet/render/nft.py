@@ -27,7 +27,10 @@ _BARE = re.compile(r"lo|[a-z]+[0-9]+|[a-z0-9]+(?:-[a-z0-9]+)+")
 _STRING_BAD = re.compile(r"[\"\\*\x00-\x1f\x7f-\x9f]")
 _INTERFACE_KEYS = ("iifname", "oifname")
 # Top-level nft commands that read files, define variables or never end: never from data.
-_COMMAND_WORDS = re.compile(r"\b(?:include|define|redefine|undefine|monitor|import|export)\b")
+# A word only where it stands alone: `meshnet-include-ipv4` is a set name, not a command.
+_COMMAND_WORDS = re.compile(
+    r"(?<![\w.@-])(?:include|define|redefine|undefine|monitor|import|export)(?![\w.@-])"
+)
 
 
 def check_script(text: str) -> str:

@@ -240,9 +240,14 @@ def test_nft_script_check_refuses_commands_outside_strings(script: str) -> None:
         nft.check_script(script)
 
 
-def test_nft_script_check_allows_words_inside_strings() -> None:
+def test_nft_script_check_allows_words_inside_strings_and_names() -> None:
     script = 'add rule inet t c iifname "include" counter return\n'
     assert nft.check_script(script) == script
+    # --cidr-sets names its sets after the flag they come from
+    script = "add set inet istio-proxy-nat meshnet-include-ipv4 { type ipv4_addr; }\n"
+    assert nft.check_script(script) == script
+    with pytest.raises(UnsafeTextError):
+        nft.check_script("add table inet t; include 'x'\n")
 
 
 def test_restore_guard_refuses_unplanned_tables_and_stray_lines() -> None:

@@ -57,6 +57,7 @@ class HostDirs:
     bin: Path
     run: Path
     service_account: Path
+    netns: Path
 
     @property
     def conflist(self) -> Path:
@@ -73,8 +74,9 @@ class HostDirs:
 
 @pytest.fixture
 def host_dirs(tmp_path: Path) -> HostDirs:
-    dirs = HostDirs(*(tmp_path / name for name in ("net.d", "bin", "run", "serviceaccount")))
-    for path in (dirs.conf, dirs.bin, dirs.run, dirs.service_account):
+    names = ("net.d", "bin", "run", "serviceaccount", "netns")
+    dirs = HostDirs(*(tmp_path / name for name in names))
+    for path in (dirs.conf, dirs.bin, dirs.run, dirs.service_account, dirs.netns):
         path.mkdir()
     dirs.conflist.write_text(json.dumps(BRIDGE_CONFLIST, indent=2) + "\n")
     (dirs.service_account / "token").write_text("test-token\n")
@@ -92,6 +94,7 @@ def _mounts(dirs: HostDirs) -> list[str]:
         "cni-net-dir": dirs.conf,
         "cni-run-dir": dirs.run,
         "host-proc": Path("/proc"),  # the repair controller's view of the node's processes
+        "host-netns": dirs.netns,  # the node agent's view of the runtime's pod namespaces
     }
     flags = [
         f"--volume={sources[m['name']]}:{m['mountPath']}{':ro' if m.get('readOnly') else ''}"
