@@ -393,7 +393,7 @@ def test_a_failing_hook_is_logged_and_the_others_still_run(
     def broken(finished: agent_mod.Finished) -> None:
         raise RuntimeError("metrics down")
 
-    monkeypatch.setattr(logs._Settings, "light", logs._Settings.light)  # restored afterwards
+    monkeypatch.setattr(logs._Settings, "logger", logs._Settings.logger)  # restored afterwards
     logs.configure("json")
     pool = agent_mod.Pool(1, [broken, seen.append], netns.current_inode())
     job = agent_mod.Job(agent_mod.Request("VERSION", {"CNI_COMMAND": "VERSION"}, ""))
