@@ -18,7 +18,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 
-from meshnet import logs, netns, proc, routes, state
+from meshnet import logs, netns, nslock, proc, routes, state
 from meshnet.backends import ipset
 from meshnet.backends.iptables import IptablesRunner, describe, detect
 from meshnet.cleanup import cleanup_commands
@@ -201,7 +201,17 @@ def assess(plans: list[FamilyPlan]) -> Assessment:
 
 
 def program(opts: Options, ruleset: Ruleset) -> None:
-    """istio-iptables without --dry-run: check state, then apply, reconcile, or do nothing."""
+    """istio-iptables without --dry-run: check state, then apply, reconcile, or do nothing.
+
+    One writer per namespace: the lock covers detection (its probe writes a rule), the state
+    check, the apply, the routes and the read-back, so a concurrent run sees all of this run's
+    changes or none, and a rollback only ever undoes this run's own changes.
+    """
+    with nslock.held():
+        _program(opts, ruleset)
+
+
+def _program(opts: Options, ruleset: Ruleset) -> None:
     log = logs.get()
     plans = families(opts, ruleset)
     if opts.cleanup_only:
@@ -324,15 +334,17 @@ def clean(opts: Options, plans: list[FamilyPlan]) -> None:
     routes.remove_for(opts)
 
 
-def verify(plans: list[FamilyPlan]) -> list[str]:
-    """Readable differences between the live state and the plan; empty when equal."""
-    lines: list[str] = []
-    for plan in plans:
-        if not plan.rules:
-            continue
-        current = state.parse_save(plan.initial_save or "")
-        lines += [f"{plan.family} {line}" for line in plan.differences(current)]
-    return lines
+def verify(opts: Options, ruleset: Ruleset) -> list[str]:
+    """Readable differences between the live state and everything an apply installs (rules of
+    every family, TPROXY ip rules and routes, ::6); empty when equal."""
+    with nslock.held():  # detection writes a probe rule; a running apply is waited for
+        lines: list[str] = []
+        for plan in families(opts, ruleset):
+            if not plan.rules:
+                continue
+            current = state.parse_save(plan.initial_save or "")
+            lines += [f"{plan.family} {line}" for line in plan.differences(current)]
+        return lines + routes.differences_for(opts)
 
 
 def purge(namespace: str | None = None) -> set[str]:

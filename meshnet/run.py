@@ -105,7 +105,7 @@ def run_verify(given: Mapping[str, str | None], environ: Mapping[str, str]) -> i
 
             lines = nftengine.verify(opts, nftplan.plan_nft(opts))
         else:
-            lines = engine.verify(engine.families(opts, ruleset))
+            lines = engine.verify(opts, ruleset)
     if not lines:
         click.echo("in sync: the live rules match the plan")
         return 0
