@@ -151,6 +151,9 @@ class Assessment:
     delta: bool
     ours_present: bool  # any ISTIO_* chain exists: a blind apply would fail on `-N`
     drift: tuple[str, ...]
+    # Whole tables or families of the plan are missing and the rest is in place: what a run
+    # killed between two table commits (or two families) leaves. A re-run completes it.
+    interrupted: bool = False
 
 
 def families(opts: Options, ruleset: Ruleset) -> list[FamilyPlan]:
@@ -183,6 +186,7 @@ def assess(plans: list[FamilyPlan]) -> Assessment:
     """Istio's VerifyIptablesState, computed from one save per family (no `-C` processes)."""
     per_family: list[tuple[bool, bool, bool]] = []
     ours = False
+    whole_tables_missing = True
     drift: list[str] = []
     for plan in plans:
         saved = plan.initial_save
@@ -193,11 +197,19 @@ def assess(plans: list[FamilyPlan]) -> Assessment:
         ours = ours or bool(current.istio_chains())
         lines = plan.differences(current)
         drift += [f"{plan.family} {line}" for line in lines]
+        whole_tables_missing = whole_tables_missing and _only_whole_tables_missing(current, lines)
         # Istio never checks order: only missing rules, chains and ISTIO_* counts are a delta.
         delta = any("out of order" not in line for line in lines)
         per_family.append((True, delta, bool(plan.rules)))
     residue, delta = state.combine(per_family)
-    return Assessment(residue, delta, ours, tuple(drift))
+    interrupted = residue and delta and ours and whole_tables_missing
+    return Assessment(residue, delta, ours, tuple(drift), interrupted)
+
+
+def _only_whole_tables_missing(current: state.State, lines: list[str]) -> bool:
+    """Every difference is something missing from a table that holds no ISTIO_* chain."""
+    ours = {table for table, _ in current.istio_chains()}
+    return all("missing" in line and line.split()[0].rstrip(":") not in ours for line in lines)
 
 
 def program(opts: Options, ruleset: Ruleset) -> None:
@@ -222,12 +234,15 @@ def _program(opts: Options, ruleset: Ruleset) -> None:
         log.info("rules already in place; nothing to apply")
         routes.configure_for(opts)
         return
-    reconcile = found.residue and found.delta and opts.reconcile
-    if found.residue and found.delta and found.ours_present and not opts.reconcile:
+    reconcile = found.residue and found.delta and (opts.reconcile or found.interrupted)
+    if found.residue and found.delta and found.ours_present and not reconcile:
         raise DriftError(_drift_message(found))
     if not found.delta and opts.force_apply:
         log.warning("--force-apply: applying over rules that are already in place")
-    _apply_all_or_nothing(opts, ruleset, plans, reconcile)
+    if found.interrupted and not opts.reconcile:
+        # No guardrails: a kill while they are in would leave DROP rules that look in sync.
+        log.info("completing an interrupted apply", missing="; ".join(found.drift[:3]))
+    _apply_all_or_nothing(opts, ruleset, plans, reconcile, guard=opts.reconcile)
 
 
 def _drift_message(found: Assessment) -> str:
@@ -240,7 +255,7 @@ def _drift_message(found: Assessment) -> str:
 
 
 def _apply_all_or_nothing(
-    opts: Options, ruleset: Ruleset, plans: list[FamilyPlan], reconcile: bool
+    opts: Options, ruleset: Ruleset, plans: list[FamilyPlan], reconcile: bool, guard: bool
 ) -> None:
     """Apply every family; on any failure put every table back as it was found."""
     active = [p for p in plans if p.rules]
@@ -249,7 +264,7 @@ def _apply_all_or_nothing(
     had_sets = ipset.existing() if sets else set()
     try:
         ipset.load(sets)  # complete before any rule can match against them
-        with _guardrails(active) if reconcile else nullcontext():
+        with _guardrails(active) if reconcile and guard else nullcontext():
             if reconcile:
                 logs.get().info("reconciling: removing the drifted rules before applying")
                 for plan in active:
