@@ -17,7 +17,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 
-from meshnet import logs, netns, routes, state
+from meshnet import logs, netns, nslock, routes, state
 from meshnet.backends import ipset
 from meshnet.backends.iptables import IptablesRunner, detect
 from meshnet.cleanup import cleanup_commands
@@ -150,6 +150,9 @@ class Assessment:
     delta: bool
     ours_present: bool  # any ISTIO_* chain exists: a blind apply would fail on `-N`
     drift: tuple[str, ...]
+    # Whole tables or families of the plan are missing and the rest is in place: what a run
+    # killed between two table commits (or two families) leaves. A re-run completes it.
+    interrupted: bool = False
 
 
 def families(opts: Options, ruleset: Ruleset) -> list[FamilyPlan]:
@@ -182,6 +185,7 @@ def assess(plans: list[FamilyPlan]) -> Assessment:
     """Istio's VerifyIptablesState, computed from one save per family (no `-C` processes)."""
     per_family: list[tuple[bool, bool, bool]] = []
     ours = False
+    whole_tables_missing = True
     drift: list[str] = []
     for plan in plans:
         saved = plan.initial_save
@@ -192,15 +196,33 @@ def assess(plans: list[FamilyPlan]) -> Assessment:
         ours = ours or bool(current.istio_chains())
         lines = plan.differences(current)
         drift += [f"{plan.family} {line}" for line in lines]
+        whole_tables_missing = whole_tables_missing and _only_whole_tables_missing(current, lines)
         # Istio never checks order: only missing rules, chains and ISTIO_* counts are a delta.
         delta = any("out of order" not in line for line in lines)
         per_family.append((True, delta, bool(plan.rules)))
     residue, delta = state.combine(per_family)
-    return Assessment(residue, delta, ours, tuple(drift))
+    interrupted = residue and delta and ours and whole_tables_missing
+    return Assessment(residue, delta, ours, tuple(drift), interrupted)
+
+
+def _only_whole_tables_missing(current: state.State, lines: list[str]) -> bool:
+    """Every difference is something missing from a table that holds no ISTIO_* chain."""
+    ours = {table for table, _ in current.istio_chains()}
+    return all("missing" in line and line.split()[0].rstrip(":") not in ours for line in lines)
 
 
 def program(opts: Options, ruleset: Ruleset) -> None:
-    """istio-iptables without --dry-run: check state, then apply, reconcile, or do nothing."""
+    """istio-iptables without --dry-run: check state, then apply, reconcile, or do nothing.
+
+    One writer per namespace: the lock covers detection (its probe writes a rule), the state
+    check, the apply, the routes and the read-back, so a concurrent run sees all of this run's
+    changes or none, and a rollback only ever undoes this run's own changes.
+    """
+    with nslock.held():
+        _program(opts, ruleset)
+
+
+def _program(opts: Options, ruleset: Ruleset) -> None:
     log = logs.get()
     plans = families(opts, ruleset)
     if opts.cleanup_only:
@@ -211,12 +233,15 @@ def program(opts: Options, ruleset: Ruleset) -> None:
         log.info("rules already in place; nothing to apply")
         routes.configure_for(opts)
         return
-    reconcile = found.residue and found.delta and opts.reconcile
-    if found.residue and found.delta and found.ours_present and not opts.reconcile:
+    reconcile = found.residue and found.delta and (opts.reconcile or found.interrupted)
+    if found.residue and found.delta and found.ours_present and not reconcile:
         raise DriftError(_drift_message(found))
     if not found.delta and opts.force_apply:
         log.warning("--force-apply: applying over rules that are already in place")
-    _apply_all_or_nothing(opts, ruleset, plans, reconcile)
+    if found.interrupted and not opts.reconcile:
+        # No guardrails: a kill while they are in would leave DROP rules that look in sync.
+        log.info("completing an interrupted apply", missing="; ".join(found.drift[:3]))
+    _apply_all_or_nothing(opts, ruleset, plans, reconcile, guard=opts.reconcile)
 
 
 def _drift_message(found: Assessment) -> str:
@@ -229,7 +254,7 @@ def _drift_message(found: Assessment) -> str:
 
 
 def _apply_all_or_nothing(
-    opts: Options, ruleset: Ruleset, plans: list[FamilyPlan], reconcile: bool
+    opts: Options, ruleset: Ruleset, plans: list[FamilyPlan], reconcile: bool, guard: bool
 ) -> None:
     """Apply every family; on any failure put every table back as it was found."""
     active = [p for p in plans if p.rules]
@@ -238,7 +263,7 @@ def _apply_all_or_nothing(
     had_sets = ipset.existing() if sets else set()
     try:
         ipset.load(sets)  # complete before any rule can match against them
-        with _guardrails(active) if reconcile else nullcontext():
+        with _guardrails(active) if reconcile and guard else nullcontext():
             if reconcile:
                 logs.get().info("reconciling: removing the drifted rules before applying")
                 for plan in active:
@@ -323,12 +348,19 @@ def clean(opts: Options, plans: list[FamilyPlan]) -> None:
     routes.remove_for(opts)
 
 
-def verify(plans: list[FamilyPlan]) -> list[str]:
-    """Readable differences between the live state and the plan; empty when equal."""
-    lines: list[str] = []
-    for plan in plans:
-        if not plan.rules:
-            continue
-        current = state.parse_save(plan.initial_save or "")
-        lines += [f"{plan.family} {line}" for line in plan.differences(current)]
-    return lines
+def verify(opts: Options, ruleset: Ruleset) -> tuple[list[str], dict[str, str]]:
+    """Readable differences between the live state and everything an apply installs (rules of
+    every family, TPROXY ip rules and routes, ::6), empty when equal; and the binary used
+    per family."""
+    with nslock.held():  # detection writes a probe rule; a running apply is waited for
+        lines: list[str] = []
+        plans = families(opts, ruleset)
+        for plan in plans:
+            if not plan.rules:
+                continue
+            current = state.parse_save(plan.initial_save or "")
+            lines += [f"{plan.family} {line}" for line in plan.differences(current)]
+        backends: dict[str, str] = {
+            p.family: p.runner.binary.binary for p in plans if p.runner is not None
+        }
+        return lines + routes.differences_for(opts), backends

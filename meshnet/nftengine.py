@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from meshnet import logs, netns, routes
+from meshnet import logs, netns, nslock, routes
 from meshnet.backends.nftables import Nft
 from meshnet.errors import DriftError, MeshnetError, NamespaceError
 from meshnet.nftplan import TABLES, NftRuleset
@@ -23,7 +23,13 @@ _COUNTER = re.compile(r"counter packets \d+ bytes \d+")
 
 
 def program(opts: Options, ruleset: NftRuleset) -> None:
-    """Apply, reconcile, or do nothing; clean with --cleanup-only."""
+    """Apply, reconcile, or do nothing; clean with --cleanup-only (one writer per namespace:
+    the lock is held from the state check to the routes and the read-back)."""
+    with nslock.held():
+        _program(opts, ruleset)
+
+
+def _program(opts: Options, ruleset: NftRuleset) -> None:
     nft = Nft(cni_mode=opts.cni_mode)
     nft.require()
     if opts.cleanup_only:
@@ -73,6 +79,11 @@ def clean(opts: Options, nft: Nft) -> None:
 
 
 def remove_tables(nft: Nft) -> None:
+    with nslock.held():
+        _remove_tables(nft)
+
+
+def _remove_tables(nft: Nft) -> None:
     present = {table: listing for table, listing in _live(nft).items() if listing is not None}
     if present:
         nft.apply(_replacing(present))
@@ -80,9 +91,11 @@ def remove_tables(nft: Nft) -> None:
 
 
 def verify(opts: Options, ruleset: NftRuleset) -> list[str]:
+    """Differences in the tables, the TPROXY ip rules and routes and ::6 (empty: in sync)."""
     nft = Nft(cni_mode=opts.cni_mode)
     nft.require()
-    return compare(ruleset, _live(nft))
+    with nslock.held():  # a running apply is waited for, not seen half done
+        return compare(ruleset, _live(nft)) + routes.differences_for(opts)
 
 
 def compare(ruleset: NftRuleset, live: dict[str, Listing | None]) -> list[str]:

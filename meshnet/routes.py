@@ -23,6 +23,7 @@ from meshnet.options import Options
 __all__ = [
     "IPV6_INBOUND_ADDRESS",
     "configure_tproxy",
+    "differences_for",
     "ensure_ipv6_loopback",
     "remove_ipv6_loopback",
     "remove_tproxy",
@@ -34,6 +35,7 @@ IPV6_INBOUND_ADDRESS = "::6"
 _FR_ACT_TO_TBL = 1
 _ALL_ONES = 0xFFFFFFFF
 _LINK_RETRIES = 5  # as Istio's LinkByNameWithRetries
+_RTN_LOCAL = 2  # route type "local"
 _DEFAULT_ROUTES: dict[int, str] = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6: "::/0"}
 
 
@@ -58,6 +60,30 @@ def remove_for(opts: Options) -> None:
         remove_tproxy(opts.tproxy_mark, opts.tproxy_route_table, opts.enable_ipv6)
     if opts.enable_ipv6:
         remove_ipv6_loopback()
+
+
+def differences_for(opts: Options) -> list[str]:
+    """What `configure_for` would add that is missing (empty: in place, or nothing to add).
+
+    A run killed between its rules and its routes leaves rules without routes: this is what
+    lets `verify` report that as drift rather than "in sync".
+    """
+    tproxy = _uses_tproxy_routes(opts)
+    if not tproxy and not opts.enable_ipv6:
+        return []  # pyroute2 is not imported when nothing can be missing
+    lines: list[str] = []
+    with _iproute() as ipr:
+        lo = _loopback_index(ipr)
+        if opts.enable_ipv6 and not _has_ipv6_loopback(ipr, lo):
+            lines.append(f"routes: missing address {IPV6_INBOUND_ADDRESS}/128 on lo")
+        for family in _families(opts.enable_ipv6) if tproxy else ():
+            name = "ipv4" if family == socket.AF_INET else "ipv6"
+            mark, table = opts.tproxy_mark, opts.tproxy_route_table
+            if not _matching_rules(ipr, family, mark, table):
+                lines.append(f"routes: missing {name} rule fwmark {mark:#x} lookup {table}")
+            if not _has_local_route(ipr, family, table, lo):
+                lines.append(f"routes: missing {name} route local default dev lo table {table}")
+    return lines
 
 
 def _uses_tproxy_routes(opts: Options) -> bool:
@@ -231,6 +257,31 @@ def _add_local_route(ipr: Any, family: int, table: int, lo: int) -> bool:
         hint = " (is 'lo' up?)" if _code(err) == errno.ENETDOWN else ""
         raise RouteError(f"failed to add route: {_describe(err)}{hint}") from None
     return True
+
+
+def _has_local_route(ipr: Any, family: int, table: int, lo: int) -> bool:
+    try:
+        found = ipr.get_routes(family=family, table=table)
+    except _netlink_errors() as err:
+        raise RouteError(f"failed to list routes: {_describe(err)}") from None
+    return any(
+        route.get("type") == _RTN_LOCAL
+        and route.get("dst_len") == 0
+        and route.get("RTA_OIF") == lo
+        and (route.get("RTA_TABLE") or route.get("table")) == table
+        for route in found
+    )
+
+
+def _has_ipv6_loopback(ipr: Any, lo: int) -> bool:
+    try:
+        found = ipr.get_addr(family=socket.AF_INET6, index=lo)
+    except _netlink_errors() as err:
+        raise RouteError(f"failed to list addresses: {_describe(err)}") from None
+    return any(
+        addr.get("IFA_ADDRESS") == IPV6_INBOUND_ADDRESS and addr.get("prefixlen") == 128
+        for addr in found
+    )
 
 
 def _delete_local_route(ipr: Any, family: int, table: int, lo: int) -> None:

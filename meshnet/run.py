@@ -151,9 +151,7 @@ def run_verify(
             lines = nftengine.verify(opts, nftplan.plan_nft(opts))
             backends = {f: "nftables" for f in ("ipv4", "ipv6")[: 1 + ruleset.ipv6_enabled]}
         else:
-            plans = engine.families(opts, ruleset)
-            lines = engine.verify(plans)
-            backends = {p.family: p.runner.binary.binary for p in plans if p.runner is not None}
+            lines, backends = engine.verify(opts, ruleset)
     if output == "json":
         import json
 

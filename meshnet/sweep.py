@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 # routes' netlink helpers (its private ones included) are reused here, not copied.
-from meshnet import logs, proc, routes
+from meshnet import logs, nslock, proc, routes
 from meshnet.backends import ipset
 from meshnet.backends.iptables import IptablesRunner, describe
 from meshnet.errors import RouteError
@@ -184,13 +184,14 @@ def remove(removal: Removal, *, lockfile: str | None = None) -> None:
 
 
 def sweep(*, lockfile: str | None = None) -> Removal:
-    """Find and remove everything; returns what was removed."""
-    removal = find()
-    if removal.empty:
-        logs.get().info("nothing of Istio's to remove")
-    else:
-        remove(removal, lockfile=lockfile)
-    return removal
+    """Find and remove everything, as the namespace's one writer; returns what was removed."""
+    with nslock.held():  # a running apply finishes first
+        removal = find()
+        if removal.empty:
+            logs.get().info("nothing of Istio's to remove")
+        else:
+            remove(removal, lockfile=lockfile)
+        return removal
 
 
 # --------------------------------------------------------------------------- iptables

@@ -10,7 +10,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from meshnet import logs, netns, proc
 from meshnet.errors import BackendError
@@ -31,6 +31,7 @@ _LOCKFILE_ENV_VERSION = (1, 8, 6)  # XTABLES_LOCKFILE is honoured from here on
 _VERSION_PATTERN = re.compile(r"v([0-9]+(\.[0-9]+)+)")
 # Protocol 255 never matches; nat (not filter) so a missing iptable_nat module is detected.
 _PROBE_RULE = ("-t", "nat", "-A", "INPUT", "-p", "255", "-j", "RETURN")
+_PROBE_LINE = "-A INPUT -p 255 -j RETURN"  # as the save tools print it
 
 _SAVE_TIMEOUT = 30.0
 _WRITE_TIMEOUT = 45.0  # longer than the 30 s lock wait
@@ -108,6 +109,11 @@ def probe(binary: str, *, lockfile: str | None = None, saved: str | None = None)
     found = IptablesBinary(binary, save, restore, version, legacy, _has_rules(dump), dump)
     if "\n*nat\n" not in f"\n{dump}":
         _probe_kernel_support(found, lockfile)
+    if _PROBE_LINE in dump.splitlines():
+        # A run killed between the probe's -A and -D left one: remove it, and see without it.
+        IptablesRunner(found, lockfile=lockfile).run(_probe_removal())
+        dump = _save_or_fail(save)
+        found = replace(found, existing_rules=_has_rules(dump), saved=dump)
     return found
 
 
@@ -203,9 +209,11 @@ def _probe_kernel_support(found: IptablesBinary, lockfile: str | None) -> None:
             f"err: exit status {added.returncode} out: {added.stderr.strip()}"
             + _permission_hint(added.stderr)
         )
-    removal = list(_PROBE_RULE)
-    removal[2] = "-D"
-    runner.run(removal)  # best effort, as Istio: the rule never matches anything anyway
+    runner.run(_probe_removal())  # best effort, as Istio: the rule never matches anything anyway
+
+
+def _probe_removal() -> tuple[str, ...]:
+    return tuple("-D" if arg == "-A" else arg for arg in _PROBE_RULE)
 
 
 class IptablesRunner:

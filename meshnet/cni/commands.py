@@ -6,7 +6,7 @@ import os
 import shutil
 from typing import Any
 
-from meshnet import engine, logs, netns, options, planner, sweep
+from meshnet import engine, logs, netns, nslock, options, planner, sweep
 from meshnet.cni import kube
 from meshnet.cni.plugin import (
     ERR_INTERNAL,
@@ -45,7 +45,7 @@ def check(call: Call) -> None:
     decision = _pod_decision(call)
     if decision.skip_reason is not None:
         return
-    with netns.entered(call.netns):
+    with netns.entered(call.netns), nslock.held():
         opts = _options(call, decision)
         ruleset = planner.plan(opts)
         if opts.native_nftables:
@@ -53,7 +53,7 @@ def check(call: Call) -> None:
 
             drift = nftengine.verify(opts, nftplan.plan_nft(opts))
         else:
-            drift = engine.verify(engine.families(opts, ruleset))
+            drift, _ = engine.verify(opts, ruleset)
     if drift:
         raise CniError(ERR_INTERNAL, "pod rules drifted: " + "; ".join(drift[:5]))
 
@@ -66,7 +66,7 @@ def delete(call: Call) -> None:
     _refuse_own_namespace(call)
     if not sweep.is_network_namespace(netns.resolve(call.netns)):
         return
-    with netns.entered(call.netns):
+    with netns.entered(call.netns), nslock.held():  # waits for a running ADD
         sweep.sweep(lockfile=netns.resolve(call.netns))
 
 
@@ -151,7 +151,8 @@ def _options(call: Call, decision: PodDecision) -> Options:
 
 def _program(call: Call, decision: PodDecision) -> None:
     dry_run_file = call.env.get("DRY_RUN_FILE_PATH", "")
-    with netns.entered(call.netns):
+    # The lock: a second ADD of this container waits, then finds the rules in place.
+    with netns.entered(call.netns), nslock.held():
         opts = _options(call, decision)
         ruleset = planner.plan(opts)
         if dry_run_file:
