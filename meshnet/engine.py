@@ -205,10 +205,18 @@ def assess(plans: list[FamilyPlan]) -> Assessment:
     return Assessment(residue, delta, ours, tuple(drift), interrupted)
 
 
+_TABLES = frozenset({"raw", "mangle", "nat", "filter"})
+
+
 def _only_whole_tables_missing(current: state.State, lines: list[str]) -> bool:
     """Every difference is something missing from a table that holds no ISTIO_* chain."""
     ours = {table for table, _ in current.istio_chains()}
-    return all("missing" in line and line.split()[0].rstrip(":") not in ours for line in lines)
+    return all(
+        ": missing " in line  # a rule or chain of a table; an ipset's missing member is drift
+        and line.split()[0].rstrip(":") in _TABLES
+        and line.split()[0].rstrip(":") not in ours
+        for line in lines
+    )
 
 
 def program(opts: Options, ruleset: Ruleset) -> None:
