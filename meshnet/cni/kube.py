@@ -224,13 +224,12 @@ class _Transient(Exception):
 
 
 def _get_once(config: Kubeconfig, namespace: str, name: str) -> dict[str, Any]:
-    url = urllib.parse.urlsplit(config.server)
-    path = f"{url.path.rstrip('/')}/api/v1/namespaces/{namespace}/pods/{name}"
+    path = api_path(config, f"/api/v1/namespaces/{namespace}/pods/{name}")
     headers = {"Accept": "application/json"}
     if config.token:
         headers["Authorization"] = f"Bearer {config.token}"
     while True:
-        connection, kept = _connection(config, url)
+        connection, kept = _connection(config)
         try:
             connection.request("GET", path, headers=headers)
             response = connection.getresponse()
@@ -263,19 +262,29 @@ _IDLE: dict[tuple[str, str, bytes | None], list[http.client.HTTPConnection]] = {
 _CONTEXTS: dict[tuple[bytes | None, bool, bytes | None, bytes | None], ssl.SSLContext] = {}
 
 
-def _connection(
-    config: Kubeconfig, url: urllib.parse.SplitResult
-) -> tuple[http.client.HTTPConnection, bool]:
+def _connection(config: Kubeconfig) -> tuple[http.client.HTTPConnection, bool]:
     """An idle connection to the server (True: kept alive from an earlier GET) or a new one."""
     with _LOCK:
         idle = _IDLE.get((config.server, config.token, config.client_cert))
         if idle:
             return idle.pop(), True
+    return new_connection(config, timeout=5), False
+
+
+def new_connection(config: Kubeconfig, timeout: float) -> http.client.HTTPConnection:
+    """A connection (opened by its first request) to the kubeconfig's server, with its TLS
+    policy; shared with the node agent's pod watch."""
+    url = urllib.parse.urlsplit(config.server)
     host, port = url.hostname or "", url.port
     context = tls_context(config)
     if context is None:
-        return http.client.HTTPConnection(host, port, timeout=5), False
-    return http.client.HTTPSConnection(host, port, timeout=5, context=context), False
+        return http.client.HTTPConnection(host, port, timeout=timeout)
+    return http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
+
+
+def api_path(config: Kubeconfig, path: str) -> str:
+    """`path` below the server URL's own path (an API server may be served under a prefix)."""
+    return urllib.parse.urlsplit(config.server).path.rstrip("/") + path
 
 
 def _give_back(config: Kubeconfig, connection: http.client.HTTPConnection) -> None:

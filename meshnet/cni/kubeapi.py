@@ -78,14 +78,14 @@ class PodApi:
             allowWatchBookmarks="true",
             timeoutSeconds=str(timeout_seconds),
         )
-        connection, token = self._connect(timeout_seconds + WATCH_SLACK)
+        connection, config = self._connect(timeout_seconds + WATCH_SLACK)
         with self._lock:
             if self._closed:
                 connection.close()
                 return
             self._watching = connection
         try:
-            response = _send(connection, token, "GET", "/api/v1/pods?" + query, None, {})
+            response = _send(connection, config, "GET", "/api/v1/pods?" + query, None, {})
             _raise_for_status(response, "watch pods")
             while line := response.readline():
                 if not line.strip():
@@ -139,11 +139,11 @@ class PodApi:
         content_type: str = "application/json",
     ) -> dict[str, Any]:
         what = f"{method} {path.split('?', 1)[0]}"
-        connection, token = self._connect(REQUEST_TIMEOUT)
+        connection, config = self._connect(REQUEST_TIMEOUT)
         try:
             data = None if body is None else json.dumps(body).encode()
             headers = {} if data is None else {"Content-Type": content_type}
-            response = _send(connection, token, method, path, data, headers)
+            response = _send(connection, config, method, path, data, headers)
             _raise_for_status(response, what)
             return _json(response.read(), what)
         except (OSError, http.client.HTTPException) as err:
@@ -151,35 +151,27 @@ class PodApi:
         finally:
             connection.close()
 
-    def _connect(self, timeout: float) -> tuple[http.client.HTTPConnection, str]:
-        """A connection (not yet opened) to the API server, and the bearer token to send."""
+    def _connect(self, timeout: float) -> tuple[http.client.HTTPConnection, kube.Kubeconfig]:
+        """A connection (not yet opened) to the API server, and the kubeconfig it came from."""
         try:
             config = self._load()
-        except MeshnetError as err:  # the kubeconfig is not written yet, or unreadable
+            return kube.new_connection(config, timeout), config
+        except MeshnetError as err:  # the kubeconfig is not written yet, unreadable, bad CA
             raise ApiError(0, str(err)) from None
-        url = urllib.parse.urlsplit(config.server)
-        host, port = url.hostname or "", url.port
-        connection: http.client.HTTPConnection
-        if url.scheme == "https":
-            context = kube.tls_context(config)
-            connection = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
-        else:
-            connection = http.client.HTTPConnection(host, port, timeout=timeout)
-        return connection, config.token
 
 
 def _send(
     connection: http.client.HTTPConnection,
-    token: str,
+    config: kube.Kubeconfig,
     method: str,
     path: str,
     data: bytes | None,
     headers: dict[str, str],
 ) -> http.client.HTTPResponse:
     headers = {"Accept": "application/json", **headers}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    connection.request(method, path, body=data, headers=headers)
+    if config.token:
+        headers["Authorization"] = f"Bearer {config.token}"
+    connection.request(method, kube.api_path(config, path), body=data, headers=headers)
     return connection.getresponse()
 
 
