@@ -249,7 +249,7 @@ def _program(opts: Options, ruleset: Ruleset) -> None:
     if found.interrupted and not opts.reconcile:
         # No guardrails: a kill while they are in would leave DROP rules that look in sync.
         log.info("completing an interrupted apply", missing="; ".join(found.drift[:3]))
-    _apply_all_or_nothing(opts, ruleset, plans, reconcile, guard=opts.reconcile)
+    _apply_all_or_nothing(opts, ruleset, plans, reconcile)
 
 
 def _drift_message(found: Assessment) -> str:
@@ -262,7 +262,7 @@ def _drift_message(found: Assessment) -> str:
 
 
 def _apply_all_or_nothing(
-    opts: Options, ruleset: Ruleset, plans: list[FamilyPlan], reconcile: bool, guard: bool
+    opts: Options, ruleset: Ruleset, plans: list[FamilyPlan], reconcile: bool
 ) -> None:
     """Apply every family; on any failure put every table back as it was found."""
     active = [p for p in plans if p.rules]
@@ -271,7 +271,8 @@ def _apply_all_or_nothing(
     had_sets = ipset.existing() if sets else set()
     try:
         ipset.load(sets)  # complete before any rule can match against them
-        with _guardrails(active) if reconcile and guard else nullcontext():
+        # Guardrails only when asked for: completing an interrupted apply goes without them.
+        with _guardrails(active) if reconcile and opts.reconcile else nullcontext():
             if reconcile:
                 logs.get().info("reconciling: removing the drifted rules before applying")
                 for plan in active:
