@@ -12,10 +12,10 @@ import os
 import pwd
 import socket
 import stat
-import struct
 from dataclasses import dataclass
 from typing import Protocol
 
+from meshnet import netlink
 from meshnet.errors import EnvironmentFactError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -130,56 +130,26 @@ def _is_link_local_multicast(addr: IPAddress) -> bool:
     return addr in ipaddress.ip_network("ff02::/16")
 
 
-# --- a minimal rtnetlink RTM_GETADDR dump (pyroute2 costs ~300 ms to import) -----------------
+# --- addresses from a stdlib rtnetlink dump (pyroute2 costs ~300 ms to import) -------------
 
 _RTM_GETADDR = 22
-_NLM_F_REQUEST_DUMP = 0x1 | 0x300
-_NLMSG_DONE = 3
-_NLMSG_ERROR = 2
+_IFADDRMSG_LEN = 8
 _IFA_ADDRESS = 1
 _IFA_LOCAL = 2
 
 
 def netlink_addresses() -> list[IPAddress]:
     """All interface addresses in kernel order (IPv4 first), like Go's net.InterfaceAddrs."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
-        request = struct.pack("=LHHLL", 24, _RTM_GETADDR, _NLM_F_REQUEST_DUMP, 1, 0)
-        sock.sendto(request + struct.pack("=BBBBL", socket.AF_UNSPEC, 0, 0, 0, 0), (0, 0))
-        addresses: list[IPAddress] = []
-        while True:
-            data = sock.recv(65536)
-            done, found = _parse_addr_messages(data)
-            addresses.extend(found)
-            if done:
-                return addresses
-
-
-def _parse_addr_messages(data: bytes) -> tuple[bool, list[IPAddress]]:
-    found: list[IPAddress] = []
-    offset = 0
-    while offset + 16 <= len(data):
-        length, msg_type = struct.unpack_from("=LH", data, offset)
-        if msg_type == _NLMSG_DONE:
-            return True, found
-        if msg_type == _NLMSG_ERROR:
-            raise EnvironmentFactError("netlink address dump failed")
-        address = _address_of(data[offset + 16 : offset + length])
-        if address is not None:
-            found.append(address)
-        offset += (length + 3) & ~3
-    return False, found
+    try:
+        messages = list(netlink.dump(_RTM_GETADDR, socket.AF_UNSPEC, _IFADDRMSG_LEN))
+    except netlink.NetlinkError:
+        raise EnvironmentFactError("netlink address dump failed") from None
+    return [address for payload in messages if (address := _address_of(payload)) is not None]
 
 
 def _address_of(payload: bytes) -> IPAddress | None:
     family = payload[0]
-    attrs: dict[int, bytes] = {}
-    offset = 8  # struct ifaddrmsg
-    while offset + 4 <= len(payload):
-        attr_len, attr_type = struct.unpack_from("=HH", payload, offset)
-        if attr_len < 4:
-            break
-        attrs[attr_type] = payload[offset + 4 : offset + attr_len]
-        offset += (attr_len + 3) & ~3
+    attrs = netlink.attributes(payload, _IFADDRMSG_LEN)
     # Go prefers IFA_LOCAL for IPv4 (it differs from IFA_ADDRESS on point-to-point links).
     raw = attrs.get(_IFA_LOCAL) if family == socket.AF_INET else None
     raw = raw or attrs.get(_IFA_ADDRESS)

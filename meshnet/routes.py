@@ -13,20 +13,26 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
+from meshnet import netlink
 from meshnet.errors import RouteError
 from meshnet.options import Options
 
 __all__ = [
     "IPV6_INBOUND_ADDRESS",
+    "PolicyRoute",
     "configure_tproxy",
     "differences_for",
     "ensure_ipv6_loopback",
+    "find_tproxy_routes",
+    "has_ipv6_loopback",
     "remove_ipv6_loopback",
     "remove_tproxy",
+    "remove_tproxy_routes",
 ]
 
 IPV6_INBOUND_ADDRESS = "::6"
@@ -36,6 +42,7 @@ _FR_ACT_TO_TBL = 1
 _ALL_ONES = 0xFFFFFFFF
 _LINK_RETRIES = 5  # as Istio's LinkByNameWithRetries
 _RTN_LOCAL = 2  # route type "local"
+_RTM_GETRULE, _FIB_RULE_HDR_LEN, _FRA_FWMARK = 34, 12, 10
 _DEFAULT_ROUTES: dict[int, str] = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6: "::/0"}
 
 
@@ -72,11 +79,13 @@ def differences_for(opts: Options) -> list[str]:
     if not tproxy and not opts.enable_ipv6:
         return []  # pyroute2 is not imported when nothing can be missing
     lines: list[str] = []
+    if opts.enable_ipv6 and not has_ipv6_loopback():
+        lines.append(f"routes: missing address {IPV6_INBOUND_ADDRESS}/128 on lo")
+    if not tproxy:
+        return lines  # pyroute2 is not imported for the address alone
     with _iproute() as ipr:
         lo = _loopback_index(ipr)
-        if opts.enable_ipv6 and not _has_ipv6_loopback(ipr, lo):
-            lines.append(f"routes: missing address {IPV6_INBOUND_ADDRESS}/128 on lo")
-        for family in _families(opts.enable_ipv6) if tproxy else ():
+        for family in _families(opts.enable_ipv6):
             name = "ipv4" if family == socket.AF_INET else "ipv6"
             mark, table = opts.tproxy_mark, opts.tproxy_route_table
             if not _matching_rules(ipr, family, mark, table):
@@ -84,6 +93,86 @@ def differences_for(opts: Options) -> list[str]:
             if not _has_local_route(ipr, family, table, lo):
                 lines.append(f"routes: missing {name} route local default dev lo table {table}")
     return lines
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRoute:
+    """A TPROXY `ip rule` (`fwmark MARK lookup TABLE` at PRIORITY) whose table holds the
+    `local default dev lo` route Istio's TPROXY setup adds (tools/common/tproxy/run_linux.go)."""
+
+    family: int
+    priority: int
+    mark: int
+    table: int
+
+
+def find_tproxy_routes() -> tuple[PolicyRoute, ...]:
+    """Every TPROXY policy route in either family, whatever its mark and table (for a complete
+    removal when the flags that made them are not known)."""
+    if not _has_fwmark_rule():
+        return ()
+    found: list[PolicyRoute] = []
+    with _iproute() as ipr:
+        lo = _loopback_index(ipr)
+        for family in _families(True):
+            found += _tproxy_routes(ipr, family, lo)
+    return tuple(found)
+
+
+def remove_tproxy_routes(found: Sequence[PolicyRoute]) -> None:
+    """Remove the rules `find_tproxy_routes` saw, then their tables' local routes."""
+    with _iproute() as ipr:
+        lo = _loopback_index(ipr)
+        for r in found:
+            _delete_rule(ipr, r.family, r.mark, r.table, r.priority)
+        for family, table in sorted({(r.family, r.table) for r in found}):
+            _delete_local_route(ipr, family, table, lo)
+
+
+def has_ipv6_loopback() -> bool:
+    """::6/128 on lo, from procfs (the calling thread's namespace; no pyroute2 import)."""
+    try:
+        with open("/proc/thread-self/net/if_inet6", encoding="ascii") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return False  # IPv6 disabled: no address can be there
+    six = "0" * 31 + "6"
+    # Fields: address, ifindex, prefix length (hex), scope, flags, name.
+    return any(f[0] == six and f[2] == "80" and f[-1] == "lo" for f in map(str.split, lines) if f)
+
+
+def _has_fwmark_rule() -> bool:
+    """Whether any policy rule of either family matches a fwmark, from a stdlib netlink dump:
+    a CNI DEL runs for every pod, and most have none (pyroute2 costs ~150 ms to import)."""
+    try:
+        return any(_family_has_fwmark_rule(family) for family in _families(True))
+    except OSError:
+        return True  # no netlink socket: pyroute2 will report what is wrong
+
+
+def _family_has_fwmark_rule(family: int) -> bool:
+    try:
+        rules = netlink.dump(_RTM_GETRULE, family, _FIB_RULE_HDR_LEN)
+        return any(_FRA_FWMARK in netlink.attributes(p, _FIB_RULE_HDR_LEN) for p in rules)
+    except netlink.NetlinkError:
+        return False  # e.g. IPv6 disabled: no rules of that family
+
+
+def _tproxy_routes(ipr: Any, family: int, lo: int) -> list[PolicyRoute]:
+    try:
+        rules = ipr.get_rules(family=family)
+    except _netlink_errors() as err:
+        if _code(err) == errno.EAFNOSUPPORT:
+            return []  # IPv6 disabled in this namespace
+        raise RouteError(f"failed to list netlink rules: {_describe(err)}") from None
+    found = []
+    for rule in rules:
+        mark, table = rule.get("FRA_FWMARK"), rule.get("FRA_TABLE") or rule["table"]
+        if mark is None or not _is_tproxy_rule(rule, mark, table):
+            continue
+        if _has_local_route(ipr, family, table, lo):
+            found.append(PolicyRoute(family, int(rule.get("priority") or 0), mark, table))
+    return found
 
 
 def _uses_tproxy_routes(opts: Options) -> bool:
@@ -270,17 +359,6 @@ def _has_local_route(ipr: Any, family: int, table: int, lo: int) -> bool:
         and route.get("RTA_OIF") == lo
         and (route.get("RTA_TABLE") or route.get("table")) == table
         for route in found
-    )
-
-
-def _has_ipv6_loopback(ipr: Any, lo: int) -> bool:
-    try:
-        found = ipr.get_addr(family=socket.AF_INET6, index=lo)
-    except _netlink_errors() as err:
-        raise RouteError(f"failed to list addresses: {_describe(err)}") from None
-    return any(
-        addr.get("IFA_ADDRESS") == IPV6_INBOUND_ADDRESS and addr.get("prefixlen") == 128
-        for addr in found
     )
 
 

@@ -21,18 +21,14 @@ iptables-restore `--noflush` leaves every other rule byte-identical.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import re
 import shutil
 import socket
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
-# routes' netlink helpers (its private ones included) are reused here, not copied.
 from meshnet import logs, nslock, proc, routes
 from meshnet.backends import ipset
 from meshnet.backends.iptables import IptablesRunner, describe
@@ -43,10 +39,6 @@ _SAVE_TIMEOUT = 30.0
 _NS_GET_NSTYPE = 0xB703  # ioctl(2) on a namespace file: its CLONE_NEW* type
 _CLONE_NEWNET = 0x40000000
 _IPSETS = tuple(set_name(kind, fam) for kind in ("include", "exclude") for fam in ("ipv4", "ipv6"))
-# Netlink (linux/netlink.h, linux/rtnetlink.h, linux/fib_rules.h).
-_NLMSG_HDRLEN, _NLMSG_ERROR, _NLMSG_DONE = 16, 2, 3
-_RTM_NEWRULE, _RTM_GETRULE, _DUMP = 32, 34, 0x301  # NLM_F_REQUEST | NLM_F_DUMP
-_FRA_FWMARK = 10
 _FAMILY_FLAG: dict[int, str] = {socket.AF_INET: "-4", socket.AF_INET6: "-6"}
 
 # Rules Istio appends to built-in chains without jumping to an ISTIO_* chain, as iptables-save
@@ -87,23 +79,13 @@ class IptablesRemoval:
 
 
 @dataclass(frozen=True, slots=True)
-class PolicyRoute:
-    """A TPROXY `ip rule` (`fwmark MARK lookup TABLE` at PRIORITY) and its table's route."""
-
-    family: int
-    priority: int
-    mark: int
-    table: int
-
-
-@dataclass(frozen=True, slots=True)
 class Removal:
     """Everything one sweep removes, as read from the namespace."""
 
     iptables: tuple[IptablesRemoval, ...] = ()
     nft_tables: tuple[str, ...] = ()
     ipsets: tuple[str, ...] = ()
-    policy_routes: tuple[PolicyRoute, ...] = ()
+    policy_routes: tuple[routes.PolicyRoute, ...] = ()
     loopback_v6: bool = False
 
     @property
@@ -161,7 +143,7 @@ def find() -> Removal:
         nft_tables=_find_nft_tables(),
         ipsets=_find_ipsets(),
         policy_routes=_find_policy_routes(),
-        loopback_v6=_has_loopback_v6(),
+        loopback_v6=routes.has_ipv6_loopback(),
     )
 
 
@@ -277,113 +259,17 @@ def _find_ipsets() -> tuple[str, ...]:
 # --------------------------------------------------------------------------- routing
 
 
-def _has_loopback_v6() -> bool:
-    """::6 on lo, from procfs (the calling thread's namespace; no netlink import needed)."""
+def _find_policy_routes() -> tuple[routes.PolicyRoute, ...]:
     try:
-        with open("/proc/thread-self/net/if_inet6", encoding="ascii") as handle:
-            lines = handle.read().splitlines()
-    except OSError:
-        return False  # IPv6 disabled: no address can be there
-    six = "0" * 31 + "6"
-    return any(f.split()[0] == six and f.split()[-1] == "lo" for f in lines if f.strip())
-
-
-def _find_policy_routes() -> tuple[PolicyRoute, ...]:
-    if not _has_fwmark_rule():
-        return ()
-    found: list[PolicyRoute] = []
-    try:
-        with routes._iproute() as ipr:
-            lo = routes._loopback_index(ipr)
-            for family in _FAMILY_FLAG:
-                found += _tproxy_rules(ipr, family, lo)
+        return routes.find_tproxy_routes()
     except RouteError as err:
         logs.get().warning("cannot read the policy routing rules", error=str(err))
-    return tuple(found)
-
-
-def _has_fwmark_rule() -> bool:
-    """Whether any policy rule of either family matches a fwmark, from one raw netlink dump
-    per family (stdlib only): pyroute2 costs ~150 ms to import, and DEL runs for every pod."""
-    try:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-    except OSError:
-        return True  # pyroute2 will report what is wrong
-    with sock:
-        for seq, family in enumerate(_FAMILY_FLAG, 1):
-            header = struct.pack("=IHHII", _NLMSG_HDRLEN + 12, _RTM_GETRULE, _DUMP, seq, 0)
-            sock.send(header + struct.pack("=8BI", family, 0, 0, 0, 0, 0, 0, 0, 0))
-            if _dump_has_fwmark(sock):
-                return True
-    return False
-
-
-def _dump_has_fwmark(sock: socket.socket) -> bool:
-    """Read one dump to its end; True when a rule in it carries FRA_FWMARK."""
-    found = False
-    while True:
-        data = sock.recv(1 << 16)
-        offset = 0
-        while offset + _NLMSG_HDRLEN <= len(data):
-            length, kind = struct.unpack_from("=IH", data, offset)
-            if kind in (_NLMSG_DONE, _NLMSG_ERROR) or length < _NLMSG_HDRLEN:
-                return found  # an error: e.g. IPv6 disabled, so no IPv6 rules
-            if kind == _RTM_NEWRULE:
-                found = found or _has_attribute(data, offset + _NLMSG_HDRLEN + 12, offset + length)
-            offset += (length + 3) & ~3
-
-
-def _has_attribute(data: bytes, start: int, end: int) -> bool:
-    while start + 4 <= end:
-        length, kind = struct.unpack_from("=HH", data, start)
-        if kind & 0x3FFF == _FRA_FWMARK:
-            return True
-        if length < 4:
-            return False
-        start += (length + 3) & ~3
-    return False
-
-
-def _tproxy_rules(ipr: Any, family: int, lo: int) -> list[PolicyRoute]:
-    try:
-        rules = ipr.get_rules(family=family)
-    except routes._netlink_errors() as err:
-        if routes._code(err) == errno.EAFNOSUPPORT:
-            return []  # IPv6 disabled in this namespace
-        raise RouteError(f"failed to list netlink rules: {routes._describe(err)}") from None
-    found = []
-    for rule in rules:
-        mark, table = rule.get("FRA_FWMARK"), rule.get("FRA_TABLE") or rule["table"]
-        if mark is None or not routes._is_tproxy_rule(rule, mark, table):
-            continue
-        if _has_local_default(ipr, family, table, lo):
-            found.append(PolicyRoute(family, int(rule.get("priority") or 0), mark, table))
-    return found
-
-
-def _has_local_default(ipr: Any, family: int, table: int, lo: int) -> bool:
-    """Table `table` holds `local default dev lo`, the route Istio's TPROXY setup adds."""
-    try:
-        found = ipr.get_routes(family=family, table=table)
-    except routes._netlink_errors():
-        return False
-    return any(
-        r.get("type") == 2  # RTN_LOCAL
-        and r.get("dst_len") == 0
-        and r.get("RTA_OIF") == lo
-        and (r.get("RTA_TABLE") or r.get("table")) == table
-        for r in found
-    )
+        return ()
 
 
 def _remove_routing(removal: Removal) -> None:
     if removal.policy_routes:
-        with routes._iproute() as ipr:
-            lo = routes._loopback_index(ipr)
-            for r in removal.policy_routes:
-                routes._delete_rule(ipr, r.family, r.mark, r.table, r.priority)
-            for family, table in sorted({(r.family, r.table) for r in removal.policy_routes}):
-                routes._delete_local_route(ipr, family, table, lo)
+        routes.remove_tproxy_routes(removal.policy_routes)
         logs.get().info(
             "removed TPROXY policy routing",
             rules=[f"fwmark {r.mark:#x} lookup {r.table}" for r in removal.policy_routes],
