@@ -21,12 +21,12 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 from meshnet import netns
 from meshnet.errors import MeshnetError
 
-__all__ = ["LOCK_NAME", "TIMEOUT", "LockTimeout", "held", "holder"]
+__all__ = ["LOCK_NAME", "TIMEOUT", "LockTimeout", "held", "held_from_outside", "holder"]
 
 LOCK_NAME = b"\0meshnet-netns-lock"
 TIMEOUT = 60.0
@@ -60,6 +60,16 @@ def held(timeout: float = TIMEOUT) -> Iterator[None]:
     finally:
         del depths[inode]
         sock.close()
+
+
+@contextmanager
+def held_from_outside(ns: str, timeout: float = TIMEOUT) -> Iterator[None]:
+    """Hold namespace `ns`'s lock while the thread stays in its own namespace: a CNI ADD talks
+    to the API server from the node's namespace, and a DEL of the same pod must wait for it."""
+    with ExitStack() as stack:
+        with netns.entered(ns):
+            stack.enter_context(held(timeout))
+        yield
 
 
 def _acquire(inode: int, timeout: float) -> socket.socket:

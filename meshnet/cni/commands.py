@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from meshnet import engine, logs, netns, nslock, options, planner, sweep
@@ -33,9 +34,12 @@ _PLUGIN_ENV = tuple(flag.env for flag in ENV_ONLY if flag.env)
 def add(call: Call) -> dict[str, Any]:
     require_env(call, "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH")
     _refuse_own_namespace(call)
-    decision = _pod_decision(call)
-    if decision.skip_reason is None:
-        _program(call, decision)
+    # The lock is held from the pod lookup on: a second ADD of this container waits, then finds
+    # the rules in place; a DEL waits for the ADD, then removes what it installed.
+    with _pod_lock(call.netns):
+        decision = _pod_decision(call)
+        if decision.skip_reason is None:
+            _program(call, decision)
     return _result(call)
 
 
@@ -45,7 +49,7 @@ def check(call: Call) -> None:
     decision = _pod_decision(call)
     if decision.skip_reason is not None:
         return
-    with netns.entered(call.netns), nslock.held():
+    with netns.entered(call.netns):  # verify holds the namespace's lock
         opts = _options(call, decision)
         ruleset = planner.plan(opts)
         if opts.native_nftables:
@@ -66,7 +70,7 @@ def delete(call: Call) -> None:
     _refuse_own_namespace(call)
     if not sweep.is_network_namespace(netns.resolve(call.netns)):
         return
-    with netns.entered(call.netns), nslock.held():  # waits for a running ADD
+    with netns.entered(call.netns):  # the sweep waits for a running ADD (the namespace lock)
         sweep.sweep(lockfile=netns.resolve(call.netns))
 
 
@@ -92,6 +96,13 @@ def program_pod(netns_path: str, pod: dict[str, Any], native_nftables: bool) -> 
         call = Call("ADD", {"CNI_NETNS": netns_path}, {"native_nftables": native_nftables})
         _program(call, decision)
     return decision.skip_reason
+
+
+def _pod_lock(ns: str) -> AbstractContextManager[None]:
+    """The pod namespace's lock; none when CNI_NETNS is no namespace (entering it reports that)."""
+    if sweep.is_network_namespace(netns.resolve(ns)):
+        return nslock.held_from_outside(ns)
+    return nullcontext()
 
 
 def _refuse_own_namespace(call: Call) -> None:
@@ -151,8 +162,7 @@ def _options(call: Call, decision: PodDecision) -> Options:
 
 def _program(call: Call, decision: PodDecision) -> None:
     dry_run_file = call.env.get("DRY_RUN_FILE_PATH", "")
-    # The lock: a second ADD of this container waits, then finds the rules in place.
-    with netns.entered(call.netns), nslock.held():
+    with netns.entered(call.netns):
         opts = _options(call, decision)
         ruleset = planner.plan(opts)
         if dry_run_file:

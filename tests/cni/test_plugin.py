@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -308,6 +309,37 @@ def test_del_removes_every_istio_chain_and_jump_and_is_idempotent(
     # and a fresh ADD after DEL works again
     ok(run_plugin(cni_env("ADD", pod_ns), conf))
     assert len([c for c in ISTIO_NAT_CHAINS if f":{c} " in iptables_save(pod_ns)]) == 4
+
+
+def test_concurrent_adds_of_one_container_all_succeed_with_the_rules_in_place(
+    run_dir: Path, pod_ns: str
+) -> None:
+    conf = netconf(run_dir)
+    with ThreadPoolExecutor(4) as pool:
+        calls = [pool.submit(run_plugin, cni_env("ADD", pod_ns), conf) for _ in range(4)]
+        for call in calls:
+            ok(call.result())
+    save = iptables_save(pod_ns)
+    assert [c for c in ISTIO_NAT_CHAINS if f":{c} " not in save] == [], save
+    assert save.count("-A OUTPUT -j ISTIO_OUTPUT") == 1, save
+    ok(run_plugin(cni_env("CHECK", pod_ns), conf))
+
+
+def test_del_during_an_add_waits_for_it_then_removes_everything(
+    api: FakeApi, run_dir: Path, pod_ns: str
+) -> None:
+    conf = netconf(run_dir)
+    api.delay = 1.0  # the ADD is in its pod lookup when the DEL arrives
+    with ThreadPoolExecutor(2) as pool:
+        adding = pool.submit(run_plugin, cni_env("ADD", pod_ns), conf)
+        deadline = time.monotonic() + 30
+        while not api.requests and time.monotonic() < deadline and not adding.done():
+            time.sleep(0.01)
+        assert api.requests, "the ADD never looked the pod up"
+        deleting = pool.submit(run_plugin, cni_env("DEL", pod_ns), conf)
+        ok(adding.result())
+        ok(deleting.result())
+    assert istio_lines(iptables_save(pod_ns)) == []
 
 
 def test_dual_stack_pod_gets_ipv6_rules_and_del_removes_them(
