@@ -8,7 +8,6 @@ restored on exit. A thread started inside the block does NOT inherit the namespa
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import threading
@@ -102,14 +101,19 @@ def _open_namespace(ns: str, path: str) -> int:
         ) from None
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
+def _libc_call(function: str, *args: int) -> int:
+    """Call libc's `function`: 0, or the errno it failed with. ctypes is imported here, not
+    at the top: an init container that stays in its own namespace never pays for it."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return 0 if getattr(libc, function)(*args) == 0 else ctypes.get_errno()
 
 
 def _setns(fd: int, what: str) -> None:
-    if _libc().setns(fd, _CLONE_NEWNET) == 0:
+    code = _libc_call("setns", fd, _CLONE_NEWNET)
+    if code == 0:
         return
-    code = ctypes.get_errno()
     if code == errno.EINVAL:
         raise NamespaceError(f"cannot enter {what}: it is not a network namespace")
     if code == errno.EPERM:
@@ -120,6 +124,6 @@ def _setns(fd: int, what: str) -> None:
 
 
 def _unshare_network() -> None:
-    if _libc().unshare(_CLONE_NEWNET) != 0:
-        code = ctypes.get_errno()
+    code = _libc_call("unshare", _CLONE_NEWNET)
+    if code != 0:
         raise NamespaceError(f"cannot create a private network namespace: {os.strerror(code)}")

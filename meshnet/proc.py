@@ -48,6 +48,22 @@ def run(
         raise BackendError(f"cannot execute {command[0]}: {err.strerror}") from None
 
 
+def which(name: str) -> str | None:
+    """The path `run([name])` would execute, or None: shutil.which's answer for a tool name,
+    without importing shutil (its archive modules cost an init container more than this)."""
+    if os.sep in name:
+        return name if _executable(name) else None
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.join(directory or os.curdir, name)
+        if _executable(path):
+            return path
+    return None
+
+
+def _executable(path: str) -> bool:
+    return os.access(path, os.X_OK) and not os.path.isdir(path)
+
+
 def format_command(argv: Sequence[str]) -> str:
     """The command as a user would type it (for messages only, never executed)."""
     return " ".join(argv)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import fcntl
 import os
 import re
-import shutil
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -183,7 +182,7 @@ def _find_iptables() -> Iterable[IptablesRemoval]:
     for prefix in ("iptables", "ip6tables"):
         for variant in ("legacy", "nft"):
             tool = f"{prefix}-{variant}"
-            if shutil.which(f"{tool}-save") is None:
+            if proc.which(f"{tool}-save") is None:
                 continue
             # The save tools only: no detection probe (DEL runs for every pod, often many at
             # once, and a legacy probe would leave an empty nat table behind).
@@ -234,7 +233,7 @@ def _is_istio_builtin_rule(table: str, line: str) -> bool:
 
 
 def _find_nft_tables() -> tuple[str, ...]:
-    if shutil.which("nft") is None:
+    if proc.which("nft") is None:
         return ()
     listed = proc.run(["nft", "list", "tables", "inet"], timeout=_SAVE_TIMEOUT)
     if listed.returncode != 0:
@@ -249,7 +248,7 @@ def _find_nft_tables() -> tuple[str, ...]:
 
 
 def _find_ipsets() -> tuple[str, ...]:
-    if shutil.which("ipset") is None:
+    if proc.which("ipset") is None:
         return ()
     listed = proc.run(["ipset", "list", "-n"], timeout=_SAVE_TIMEOUT)
     present = set(listed.stdout.split()) if listed.returncode == 0 else set()

@@ -7,7 +7,6 @@ before a rule can reference it. Sets are per network namespace, like the rules.
 from __future__ import annotations
 
 import ipaddress
-import shutil
 from collections.abc import Iterable
 
 from meshnet import proc
@@ -18,7 +17,7 @@ _TIMEOUT = 60.0
 
 
 def require() -> None:
-    if shutil.which("ipset") is None:
+    if proc.which("ipset") is None:
         raise BackendError(
             "--cidr-sets needs the ipset tool, which is not in PATH (Debian: apt-get install ipset)"
         )

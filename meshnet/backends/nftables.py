@@ -6,7 +6,6 @@ A transaction is all or nothing: nft applies every line of the input or none of 
 from __future__ import annotations
 
 import re
-import shutil
 
 from meshnet import proc
 from meshnet.errors import BackendError
@@ -26,7 +25,7 @@ class Nft:
 
     def require(self) -> tuple[int, ...]:
         """The nft version; BackendError with Istio's message when nft is missing or too old."""
-        if shutil.which("nft") is None:
+        if proc.which("nft") is None:
             where = "on the host filesystem" if self._cni_mode else "in the sidecar container image"
             raise BackendError(
                 f"nativeNftables is enabled, but the nft binary is missing {where}: "
