@@ -81,6 +81,14 @@ def test_detect_picks_nft_in_a_clean_namespace(namespace: str, family: str) -> N
     assert not found.legacy
     assert not found.existing_rules
     assert not found.needs_lock
+    assert found.version == ()  # an empty nft save has no header, and nf_tables never locks
+
+
+def test_detect_reads_the_nft_version_from_the_save_header(namespace: str, family: str) -> None:
+    with netns.entered(namespace):
+        detect(FAMILIES[family])  # the kernel probe leaves a nat table: the save has a header
+        found = detect(FAMILIES[family])
+    assert found.binary == f"{prefix(family)}-nft"
     assert found.version >= (1, 4)
 
 
