@@ -1,3 +1,3 @@
-from meshnet.cli import main
+from meshnet.entry import main
 
 main()

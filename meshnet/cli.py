@@ -1,20 +1,20 @@
-"""The `meshnet` command line: Istio's flags, short letters, env variables and exit codes.
+"""The `meshnet` command line in click: Istio's flags, short letters, help and usage errors.
 
-Exit codes follow istio-iptables: 0 ok, 1 error, 126 validation failed, 255 usage error (an
-unknown flag or a value click cannot parse). Rules and results go to stdout, logs to stderr.
+`meshnet.entry` runs the plain command lines without click and sends the rest here. A usage
+error (an unknown flag, a value click cannot parse) exits 255 as cobra's. Rules and results
+go to stdout, logs to stderr.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 
 from meshnet import logs
-from meshnet.errors import MeshnetError
 from meshnet.flags import ENV_ONLY, EXTENSIONS, ISTIO_FLAGS, LOG_FLAGS, Flag
 
 USAGE_EXIT = 255  # cobra's usage errors end in os.Exit(-1)
@@ -208,43 +208,21 @@ def demo() -> None:
     run()
 
 
-_JSON_FLAGS = ("--log_as_json", "--log_as_json=true", "--log_as_json=1", "--log-format=json")
-
-
-def _log_format_early(argv: list[str], environ: Mapping[str, str]) -> str:
-    """The error format before (or without) option parsing: a usage error, or a bad value,
-    is reported in the format the command line asks for, wherever the flag is."""
-    fmt = "json" if environ.get("MESHNET_LOG_FORMAT") == "json" else "text"
-    for i, arg in enumerate(argv):
-        if arg == "--":
-            break
-        if arg in _JSON_FLAGS or (arg == "--log-format" and argv[i + 1 : i + 2] == ["json"]):
-            fmt = "json"
-        elif arg == "--log-format=text" or (
-            arg == "--log-format" and argv[i + 1 : i + 2] == ["text"]
-        ):
-            fmt = "text"
-    return fmt
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    logs.configure(_log_format_early(args, os.environ))
+def run(line: list[str]) -> int:
+    """Parse `line` with click and run the command; the exit status (MeshnetError is left to
+    `meshnet.entry.main`, which owns the exit codes)."""
     try:
-        cli.main(args=args, prog_name="meshnet", standalone_mode=False)
+        result = cli.main(args=line, prog_name="meshnet", standalone_mode=False)
     except click.exceptions.Exit as done:
-        sys.exit(done.exit_code)
+        return done.exit_code
     except click.exceptions.NoArgsIsHelpError as err:  # bare `meshnet`, `meshnet cni`
         click.echo(err.ctx.get_help() if err.ctx is not None else "")
-        sys.exit(0)
+        return 0
     except click.UsageError as err:
         hint = f"run '{err.ctx.command_path} --help' for usage" if err.ctx else None
         logs.get().error(err.format_message(), usage=hint)
-        sys.exit(USAGE_EXIT)
+        return USAGE_EXIT
     except click.Abort:
         logs.get().error("aborted")
-        sys.exit(1)
-    except MeshnetError as err:
-        logs.get().error(str(err))
-        sys.exit(err.exit_code)
-    sys.exit(0)
+        return 1
+    return result if isinstance(result, int) else 0  # an int is ctx.exit's status

@@ -6,10 +6,9 @@ rules and routes all see the pod's namespace (SPEC.md §4 item 3).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-
-import click
 
 from meshnet import logs, netns, options, planner
 from meshnet.environment import HostSystem
@@ -67,6 +66,12 @@ def prepared(
         yield opts, ruleset
 
 
+def _write(text: str) -> None:
+    """Rules and reports go to stdout; sys.stdout is written directly (click costs an init
+    container more to import than its rule work)."""
+    sys.stdout.write(text)
+
+
 def render(opts: Options, ruleset: Ruleset) -> str:
     if opts.output_format == "transcript":
         return transcript.render(ruleset, cleanup_only=opts.cleanup_only)
@@ -88,7 +93,7 @@ def run_istio_iptables(given: Mapping[str, str | None], environ: Mapping[str, st
         elif opts.native_nftables or opts.output_format == "nft":
             _run_nftables(opts)
         elif opts.dry_run:
-            click.echo(render(opts, ruleset), nl=False)
+            _write(render(opts, ruleset))
         else:
             from meshnet import engine
 
@@ -116,9 +121,9 @@ def _run_nftables(opts: Options) -> None:
         if opts.output_format == "dot":
             from meshnet.render import dot
 
-            click.echo(dot.render_nft(ruleset), nl=False)
+            _write(dot.render_nft(ruleset))
         else:
-            click.echo(nft.render(ruleset), nl=False)
+            _write(nft.render(ruleset))
         return
     from meshnet import nftengine
 
@@ -132,7 +137,7 @@ def run_clean(given: Mapping[str, str | None], environ: Mapping[str, str]) -> No
 
     with entered(given, environ, needs_plan=False, prints_rules=True) as opts:
         if opts.dry_run:
-            click.echo(sweep.find().render(), nl=False)
+            _write(sweep.find().render())
             return
         in_pod = opts.cni_mode and opts.network_namespace
         sweep.sweep(lockfile=netns.resolve(opts.network_namespace) if in_pod else None)
@@ -156,15 +161,15 @@ def run_verify(
         import json
 
         document = {"in_sync": not lines, "backend": backends, "differences": lines}
-        click.echo(json.dumps(document, indent=2))
+        _write(json.dumps(document, indent=2) + "\n")
         return 3 if lines else 0
     used = ", ".join(f"{family} {tool}" for family, tool in backends.items())
     if not lines:
-        click.echo(f"in sync: the live rules match the plan ({used})")
+        _write(f"in sync: the live rules match the plan ({used})\n")
         return 0
-    click.echo(f"drifted: {len(lines)} difference(s) between the live rules and the plan ({used})")
+    _write(f"drifted: {len(lines)} difference(s) between the live rules and the plan ({used})\n")
     for line in lines:
-        click.echo(f"  {line}")
+        _write(f"  {line}\n")
     return 3
 
 
@@ -194,6 +199,6 @@ def run_explain(
         else:
             results = [explain.explain_iptables(ruleset, p) for p in probes]
     if output == "json":
-        click.echo(json.dumps([explain.render_json(r) for r in results], indent=2))
+        _write(json.dumps([explain.render_json(r) for r in results], indent=2) + "\n")
     else:
-        click.echo("\n".join(explain.render_text(r) for r in results), nl=False)
+        _write("\n".join(explain.render_text(r) for r in results))
