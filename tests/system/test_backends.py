@@ -123,6 +123,47 @@ def test_forced_backend_is_used(namespace: str, family: str, force: str) -> None
     assert found.legacy == (force == "legacy")
 
 
+def test_the_kernel_probe_leaves_an_empty_nat_input_chain(namespace: str, family: str) -> None:
+    # Istio's -A/-D probe leaves the nat table with an empty INPUT chain; so does meshnet's.
+    with netns.entered(namespace):
+        found = detect(FAMILIES[family])
+        saved = proc.run([found.save], timeout=10).stdout
+    assert "\n*nat\n" in saved
+    assert ":INPUT ACCEPT" in saved
+    assert "-A " not in saved
+
+
+def test_a_probe_rule_left_by_a_killed_run_is_removed(
+    namespace: str, family: str, ns_exec: Exec
+) -> None:
+    added = ns_exec(
+        f"{prefix(family)}-nft", "-t", "nat", "-A", "INPUT", "-p", "255", "-j", "RETURN"
+    )
+    assert added.returncode == 0, added.stderr
+    with netns.entered(namespace):
+        found = detect(FAMILIES[family])
+        saved = proc.run([found.save], timeout=10).stdout
+    assert found.binary == f"{prefix(family)}-nft"
+    assert not found.existing_rules
+    assert "-p 255" not in saved
+
+
+def test_a_binary_without_kernel_support_is_passed_over(
+    namespace: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # An iptables-nft whose every write fails as on a kernel without nf_tables nat: auto
+    # detection moves on to the plain binary, as Istio's DetectIptablesVersion does.
+    for name in ("iptables-nft", "iptables-nft-save", "iptables-nft-restore"):
+        fake = tmp_path / name
+        body = "exit 0" if name.endswith("-save") else "echo 'Table does not exist' >&2; exit 1"
+        fake.write_text(f"#!/bin/sh\n{body}\n")
+        fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with netns.entered(namespace):
+        found = detect(False)
+    assert found.binary == "iptables"
+
+
 def test_unknown_forced_backend_is_rejected() -> None:
     with pytest.raises(BackendError, match='iptables binary "bogus" unsupported'):
         detect(False, force="bogus")
