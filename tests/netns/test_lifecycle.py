@@ -92,21 +92,23 @@ COMMIT
 """
 
 # A test double for ip6tables-{nft,legacy}-restore: it refuses the apply into the pod (a
-# `--noflush` restore in the namespace named by $MNT_FAIL_NETNS), after recording the pod's
-# IPv4 rules at that moment. meshnet's canonicalisation (a private namespace) and its rollback
+# `--noflush` restore of ISTIO_ chains in the namespace named by $MNT_FAIL_NETNS), after
+# recording the pod's IPv4 rules at that moment. The backend's kernel probe (a `--noflush`
+# restore without ISTIO_), meshnet's canonicalisation (a private namespace) and its rollback
 # (no --noflush) reach the real tool. No ':' in the message: it survives meshnet's rewording.
 FAILING_RESTORE = """\
 #!/bin/sh
+input=$(cat)
 if [ "$(readlink /proc/self/ns/net)" = "$MNT_FAIL_NETNS" ]; then
     for arg in "$@"; do
-        if [ "$arg" = "--noflush" ]; then
+        case "$arg:$input" in --noflush:*ISTIO_*)
             {v4_save} > "$MNT_SEEN_V4"
             echo "injected failure from the test wrapper" >&2
             exit 1
-        fi
+        esac
     done
 fi
-exec {real} "$@"
+printf '%s\\n' "$input" | exec {real} "$@"
 """
 
 # Holds an flock (what iptables-legacy takes) on argv[1] for argv[2] seconds.
