@@ -1,8 +1,8 @@
 """Helpers shared by the benchmark scripts: the standard args, timing, statistics, results.
 
-Every benchmark reports ratios against floors measured in the same run (SPEC.md §7), so the
-numbers stay comparable across machines and load; these helpers keep that bookkeeping in one
-place. Stdlib only (plus meshnet's own flag table for a clean environment).
+Every benchmark reports ratios against floors measured in the same run, so the numbers stay
+comparable across machines and load; these helpers keep that bookkeeping in one place. Stdlib
+only (plus meshnet's own flag table for a clean environment).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"  # git-ignored (bench/.gitignore)
 
-# Istio's standard sidecar injection arguments (SPEC.md §1, `meshnet demo`).
+# Istio's standard sidecar injection arguments (also the ones `meshnet demo` applies).
 STANDARD: tuple[str, ...] = (
     *("-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT"),
     *("-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"),

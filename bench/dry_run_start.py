@@ -3,7 +3,7 @@
 Floor = a bare interpreter start (`python -c pass`) of the same interpreter, measured in this
 run. Every sample is a fresh process; the two commands alternate, so both see the same machine
 load. A few unmeasured warm-up runs first fill the page cache and write the .pyc files, as on
-any node after the first start. Target (SPEC.md §7): the dry run's median ≤ 120 ms.
+any node after the first start. Target: the dry run's median ≤ 120 ms.
 
 Then the same dry run under `-X importtime`, a few times: the import tree (median per module)
 shows what the start-up time is spent on. Prints a table and writes
@@ -154,7 +154,7 @@ def print_timing(runs: int, floor: Stats, dry: Stats) -> None:
         f" dry run minus interpreter: {(dry.median - floor.median) * 1e3:.1f} ms"
     )
     verdict = "met" if dry.median * 1e3 <= TARGET_MS else "NOT met"
-    print(f"  target (SPEC.md §7): median <= {TARGET_MS:.0f} ms: {verdict}")
+    print(f"  target: median <= {TARGET_MS:.0f} ms: {verdict}")
 
 
 def print_imports(forest: list[Import], runs: int, min_ms: float) -> None:

@@ -1,4 +1,6 @@
-"""The commands that remove what a plan installs (Istio's BuildCleanupVx, SPEC-istio §3.6).
+"""The commands that remove what a plan installs, as Istio's BuildCleanupV4/BuildCleanupV6.
+
+Istio builds them in `tools/istio-iptables/pkg/builder/iptables_builder_impl.go`.
 
 Only rules the same flags would produce are removed: the jumps into ISTIO_* chains and the rules
 in built-in chains are deleted one by one, then the ISTIO_* chains are flushed and deleted.

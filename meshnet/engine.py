@@ -1,4 +1,4 @@
-"""The engine: the only place that changes a system (SPEC-istio §3, SPEC.md §4-5).
+"""The engine: the only place that changes a system.
 
 It runs in the current network namespace (the CLI enters `--network-namespace` first):
 detect the iptables binaries, check the existing state, apply every family as one unit
@@ -156,7 +156,7 @@ class Assessment:
 
 
 def families(opts: Options, ruleset: Ruleset) -> list[FamilyPlan]:
-    """Detect the binaries (SPEC-istio §3.3); a v6 failure only matters with IPv6 on."""
+    """Detect the binaries (Istio's DetectIptablesVersion); a v6 failure matters only with IPv6."""
     lockfile = (
         netns.resolve(opts.network_namespace) if opts.cni_mode and opts.network_namespace else None
     )
@@ -348,7 +348,7 @@ def _remove_planned(plan: FamilyPlan) -> None:
 
 
 def clean(opts: Options, plans: list[FamilyPlan]) -> None:
-    """Remove what these flags install: rules (SPEC-istio §3.6), TPROXY routes, ::6."""
+    """Remove what these flags install: rules (Istio's BuildCleanupV4/V6), TPROXY routes, ::6."""
     for plan in plans:
         if plan.rules and plan.runner is not None:
             _remove_planned(plan)

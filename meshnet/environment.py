@@ -1,7 +1,7 @@
 """Facts read from the running system: user and group lookup, interface addresses, resolv.conf.
 
-Everything that Istio derives at run time (SPEC-istio §1.4) is read here and nowhere else, so the
-option builder and the planner stay pure and tests can inject a fake `System`.
+Everything that Istio derives at run time (FillConfigFromEnvironment) is read here and nowhere
+else, so the option builder and the planner stay pure and tests can inject a fake `System`.
 """
 
 from __future__ import annotations

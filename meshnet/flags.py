@@ -1,8 +1,8 @@
 """Every istio-iptables flag and env variable, with Istio's names, short letters and defaults.
 
 This table is the single source for the CLI's options and `--help`, and for the precedence rules
-(command line > alias env > primary env > default, SPEC-istio §1.1). Values stay text here;
-`options.py` parses and validates them.
+(command line > alias env > primary env > default, as Istio's `pkg/flag/flag.go` binds them).
+Values stay text here; `options.py` parses and validates them.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""plan_nft(options) -> NftRuleset: Istio's native nftables plan (SPEC-istio §3.7), pure.
+"""plan_nft(options) -> NftRuleset: Istio's native nftables plan, pure.
 
-Istio's `istio-nftables` was translated from the iptables steps A-S (SPEC-istio §2.2), so each
-step here mirrors `meshnet.planner`, in the same order, as one small function. The rule text is
-the `knftables.Concat` of Istio's tokens, which fixes match order and the `counter` position
-byte for byte (e.g. `ip daddr 127.0.0.53/32 tcp dport 53 counter redirect to :15053`).
+Istio's `tools/istio-nftables/pkg/capture/run.go` was translated from the iptables steps of
+`tools/istio-iptables/pkg/capture/run.go`, so each step here mirrors `meshnet.planner`, in the
+same order, as one small function. The rule text is the `knftables.Concat` of Istio's tokens,
+which fixes match order and the `counter` position byte for byte
+(e.g. `ip daddr 127.0.0.53/32 tcp dport 53 counter redirect to :15053`).
 
 Differences from the iptables plan that are visible in the goldens:
 - three `inet` tables (`istio-proxy-nat`, `-mangle`, `-raw`); a rule without an `ip`/`ip6`
@@ -234,7 +235,7 @@ def _concat(parts: tuple[str, ...]) -> tuple[str, ...]:
 
 @dataclass(frozen=True, slots=True)
 class _Context:
-    """Values derived once before the steps run (SPEC-istio §2.2 pre-processing)."""
+    """Values derived once before the steps run: DNS redirection and the IPv4 loopback CIDR."""
 
     o: Options
     redirect_dns: bool

@@ -1,9 +1,10 @@
 """Options: every knob of a run, parsed, validated and typed, with Istio's precedence rules.
 
 `gather()` picks each raw value from the command line, the alias env variable, the primary env
-variable or the default (in that order of precedence, SPEC-istio §1.1). `build()` validates the
-raw values (SPEC.md §4 items 1-2: stricter than Istio, which validates almost nothing) and adds
-the derived facts of SPEC-istio §1.4, asking a `System` only for what the flags leave open.
+variable or the default (in that order of precedence, as Istio's `pkg/flag/flag.go`). `build()`
+validates the raw values (stricter than Istio, which validates almost nothing and ignores a
+malformed env value) and adds the facts Istio's FillConfigFromEnvironment derives, asking a
+`System` only for what the flags leave open.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""plan(options) -> Ruleset: Istio's rule algorithm (SPEC-istio §2.2), pure and deterministic.
+"""plan(options) -> Ruleset: Istio's rule algorithm, pure and deterministic.
 
+The algorithm is IptablesConfigurator.Run in `tools/istio-iptables/pkg/capture/run.go`.
 Each step of the algorithm is one small function named for what it does, called in Istio's
 order; the order decides the restore text byte for byte, so do not reorder them. Every rule
 carries a short reason, shown by `--output-format json` and `explain`.
@@ -64,7 +65,7 @@ class _Builder:
 
 @dataclass(frozen=True, slots=True)
 class _Context:
-    """Values derived once in pre-processing (SPEC-istio §2.2 steps 1-3)."""
+    """Values derived once before the steps run: DNS redirection and the IPv4 loopback CIDR."""
 
     o: Options
     redirect_dns: bool

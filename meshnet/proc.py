@@ -1,8 +1,8 @@
 """Run one external tool: argument list, explicit timeout, text on stdin, output captured.
 
-Every subprocess meshnet starts goes through `run`, so the rules of DESIGN.md (no shell, a
-timeout, stderr kept for the error message) live in one place. A child inherits the network
-namespace of the calling thread, which is how `netns.entered` reaches the tools.
+Every subprocess meshnet starts goes through `run`, so its rules (no shell, a timeout, stderr
+kept for the error message) live in one place. A child inherits the network namespace of the
+calling thread, which is how `netns.entered` reaches the tools.
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
-"""TPROXY policy routing and the ::6 loopback address (SPEC-istio §2.3), via pyroute2.
+"""TPROXY policy routing and the ::6 loopback address, via pyroute2.
+
+Istio sets both up in ConfigureRoutes (`tools/common/tproxy/run_linux.go`).
 
 Each call opens its own netlink socket in the calling thread's current network namespace (so
 it acts inside `meshnet.netns.entered`) and closes it before returning. pyroute2 is imported
 lazily: it costs ~70-350 ms and only TPROXY and IPv6 setups need it.
 
-Differences from Istio, on purpose (SPEC.md §4 item 5): an identical `ip rule` already present
-is not an error, and removal functions exist so `clean` can undo what was added.
+Differences from Istio, on purpose: an identical `ip rule` already present is not an error,
+and removal functions exist so `clean` can undo what was added.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ _DEFAULT_ROUTES: dict[int, str] = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6:
 
 
 def configure_for(opts: Options) -> None:
-    """SPEC-istio §2.3 for these options: ::6 on lo with IPv6; TPROXY policy routing.
+    """Istio's ConfigureRoutes for these options: ::6 on lo with IPv6; TPROXY policy routing.
 
     All or nothing: on failure, what this call added is removed again.
     """

@@ -1,7 +1,7 @@
 """The commands' flow: options → plan → print (dry run) or hand to the engine.
 
 `--network-namespace` is entered before anything else, so IPv6 detection, binary detection,
-rules and routes all see the pod's namespace (SPEC.md §4 item 3).
+rules and routes all see the pod's namespace.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def run_istio_iptables(given: Mapping[str, str | None], environ: Mapping[str, st
 
 
 def _run_nftables(opts: Options) -> None:
-    """--native-nftables: Istio's nft mode ignores --dry-run; meshnet honours it (SPEC.md §4)."""
+    """--native-nftables: Istio's nft mode ignores --dry-run; meshnet honours it."""
     from meshnet import nftplan
     from meshnet.render import nft
 

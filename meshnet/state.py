@@ -1,8 +1,9 @@
 """iptables state as text: parse it, simulate a restore, decide residue/delta, explain drift.
 
-Pure functions, no I/O. `parse_save` and `verify_state` follow Istio's GetStateFromSave and
-VerifyIptablesState (SPEC-istio §3.5) exactly, quirks included; `diff_states` is meshnet's
-readable diff for `verify` and the drift error.
+Pure functions, no I/O. `parse_save` and `verify_state` follow Istio's GetStateFromSave
+(`tools/istio-iptables/pkg/builder/iptables_builder_impl.go`) and VerifyIptablesState
+(`tools/istio-iptables/pkg/capture/helper.go`) exactly, quirks included; `diff_states` is
+meshnet's readable diff for `verify` and the drift error.
 
 Rules are compared as `normalize_rule` tuples ``(CHAIN, *tokens)``. iptables-save respells
 rules (`-m tcp` added, marks in hex, options reordered), so compare a plan with live state only
@@ -299,7 +300,7 @@ def verify_state(
     save_text: str | None,
     check: Callable[[tuple[str, ...]], bool],
 ) -> tuple[bool, bool]:
-    """(residue, delta) for one family, as VerifyIptablesState (SPEC-istio §3.5 steps 1-3).
+    """(residue, delta) for one family, as one pass of VerifyIptablesState's per-family loop.
 
     `save_text` None means the save failed (treated as a clean state). `check` runs one
     `check_commands` argument tuple (e.g. ``IptablesRunner.check``) and says whether it passed;

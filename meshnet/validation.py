@@ -1,4 +1,4 @@
-"""Validation mode (SPEC-istio §3.9): prove that a connection is really captured.
+"""Validation mode (`--run-validation`): prove that a connection is really captured.
 
 A server listens on the proxy's ports (15001, 15006) of loopback; a client, running as the
 proxy's UID, dials 127.0.0.6:<probe port>. The rules redirect it to 15006; the server reads

@@ -15,7 +15,7 @@ import pytest
 from meshnet.flags import ENV_NAMES
 
 REPO = Path(__file__).resolve().parent.parent
-# The arguments Istio's injector gives istio-init (SPEC-istio §3.2).
+# The arguments Istio's injector gives istio-init by default.
 STANDARD_ARGS = (
     "-p",
     "15001",

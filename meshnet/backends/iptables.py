@@ -1,4 +1,7 @@
-"""The iptables backend: pick the binary (SPEC-istio §3.3), lock (§3.4), restore, save.
+"""The iptables backend: pick the binary, lock, restore, save.
+
+Binary choice (DetectIptablesVersion) and locking follow Istio's
+`tools/istio-iptables/pkg/dependencies/implementation_linux.go`.
 
 One `IptablesRunner` drives one family (iptables or ip6tables) with one detected binary set.
 Everything runs in the calling thread's network namespace (see `meshnet.netns.entered`).

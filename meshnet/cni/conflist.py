@@ -1,7 +1,8 @@
 """CNI network config files: the plugin entry, the primary file, merge and removal.
 
-Everything here works on text and values (SPEC-istio §5.4 `createCNIConfigFile`,
-`insertCNIConfig`, `checkValidCNIConfig`, `Cleanup`), plus read-only scans of the conf dir.
+Everything here works on text and values (Istio's `createCNIConfigFile` and `insertCNIConfig`
+in `cni/pkg/install/cniconfig.go`, `checkValidCNIConfig` and `Cleanup` in `install.go`), plus
+read-only scans of the conf dir.
 Writing files is the installer's job (`meshnet.cni.install`).
 
 Istio decodes JSON into Go maps and encodes with `json.MarshalIndent`; `loads` and `marshal`
@@ -38,7 +39,7 @@ class CniConfigError(MeshnetError):
 
 @dataclass(frozen=True, slots=True)
 class PluginConfig:
-    """The keys of the plugin's stdin config that the installer writes (SPEC-istio §5.1)."""
+    """The keys of the plugin's stdin config that the installer writes (Istio's `plugin.Config`)."""
 
     plugin_name: str
     plugin_log_level: str

@@ -1,4 +1,6 @@
-"""`meshnet cni install`: the node daemon that installs and keeps the CNI plugin (SPEC-istio §5.4).
+"""`meshnet cni install`: the node daemon that installs and keeps the CNI plugin.
+
+Istio's counterpart is install-cni (`cni/pkg/install/install.go`).
 
 It copies the plugin executable into the host's CNI bin dirs, writes the plugin's kubeconfig,
 inserts the plugin into the node's primary CNI config (chained mode, the default) or writes a

@@ -1,4 +1,4 @@
-"""`meshnet-cni`: the CNI chained plugin (SPEC-istio §5.1, SPEC.md §6), sidecar mode.
+"""`meshnet-cni`: the CNI chained plugin (Istio's `cni/pkg/plugin/plugin.go`), sidecar mode.
 
 The container runtime runs it once per pod sandbox with the network config on stdin and the
 CNI_* variables in the environment. stdout carries only the CNI result or error; logs go to

@@ -1,4 +1,6 @@
-"""A pod object → whether it gets rules, and the istio-iptables options it gets (SPEC-istio §5.2).
+"""A pod object → whether it gets rules, and the istio-iptables options it gets.
+
+Istio maps them in NewRedirect (`cni/pkg/plugin/sidecar_redirect.go`).
 
 Pure: the pod JSON in, a decision and option texts out, keyed like `meshnet.flags`. Whoever may
 create pods writes these values and the plugin runs as root on the node, so each value must be

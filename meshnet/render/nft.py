@@ -1,7 +1,7 @@
 """The nft transaction text, exactly as Istio logs it: knftables v0.0.21 `tx.String()`.
 
-One operation per line, in transaction order (SPEC-istio §3.7). This is also what `nft -f -`
-reads, so the same text is printed by a dry run and piped to nft by the backend.
+One operation per line, in transaction order. This is also what `nft -f -` reads, so the same
+text is printed by a dry run and piped to nft by the backend.
 
 nft reads a script, not arguments: `;` or a newline starts a new command (`include "..."` reads
 a file, `monitor` never ends), `#` comments out the rest of a line, `!=` negates a match. So

@@ -1,4 +1,6 @@
-"""iptables-restore input, built exactly as Istio's buildRestore does (SPEC-istio §3.1).
+"""iptables-restore input, built exactly as Istio's buildRestore does.
+
+buildRestore is in `tools/istio-iptables/pkg/builder/iptables_builder_impl.go`.
 
 iptables-restore splits a line on whitespace, reads `"` as quoting and `\\` as an escape, and
 ends a rule at a newline (NUL or CR confuse it too): a token holding any of them would add

@@ -1,4 +1,6 @@
-"""Istio's dry-run transcript (SPEC-istio §3.8, §4.1): what its stub executor records.
+"""Istio's dry-run transcript: what its stub executor records.
+
+The stub is `tools/istio-iptables/pkg/dependencies/stub.go`.
 
 With the stub every `*-save` returns nothing, so the state check always sees a clean namespace
 and the planned rules are "applied"; with --cleanup-only the cleanup commands are recorded.

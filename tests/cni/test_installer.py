@@ -1,4 +1,4 @@
-"""The installer daemon as a real process, against temporary host dirs (SPEC-istio §5.4).
+"""The installer daemon (Istio's `cni/pkg/install`) as a real process, against temporary host dirs.
 
 Each daemon test starts `python -m meshnet.cni.install` with a conf dir, a bin dir, a run dir
 and a fake service-account dir, drives it through files and signals, and always kills it by

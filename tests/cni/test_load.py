@@ -4,7 +4,7 @@ Like a runtime under load: 110 pod namespaces, 110 `meshnet-cni` ADD processes (
 forwarder) started together, then 110 DELs together, served by a `meshnet cni agent` or, with
 none, by the standalone plugin the forwarder falls back to; and a burst during which the
 agent restarts. Every call must succeed, every pod must get its complete rules, and no call
-may trip over a lock (SPEC.md §7). Bounded in time; the namespaces are always removed.
+may trip over a lock. Bounded in time; the namespaces are always removed.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Every test that touches a namespace makes its own (and always deletes it); the K
 is `FakeApi` on 127.0.0.1. Rules are applied for real and read back with iptables-save / nft.
 Every test runs twice, through the installed plugin (the C forwarder): once served by a
 resident `meshnet cni agent`, once with no agent, so the forwarder runs the standalone plugin.
-SPEC-istio §5.1-5.2, SPEC.md §6.
+Istio's counterparts: `cni/pkg/plugin/plugin.go` (ADD) and `sidecar_redirect.go` (annotations).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Istio's CNI plugin dry-run goldens, through the real plugin process (SPEC-istio §4.3)."""
+"""Istio's CNI plugin dry-run goldens (`cni/pkg/plugin/testdata`), through the plugin process."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Istio's own goldens, byte for byte through the real CLI (SPEC.md §3)."""
+"""Istio's own goldens, byte for byte through the real CLI.
+
+They come from `tools/istio-iptables/pkg/capture/testdata`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Istio's nftables goldens, byte for byte (SPEC.md §3, SPEC-istio §3.7 and §4.2).
+"""Istio's nftables goldens (`tools/istio-nftables/pkg/capture/testdata`), byte for byte.
 
 Two ways in: the planner and renderer called directly (options parsed from the case's argv by
 the real click command), and the real CLI (`--native-nftables --dry-run --output-format nft`).

@@ -12,7 +12,7 @@ from tests.support import REPO
 DEPLOY = REPO / "deploy"
 INIT_MANIFEST = DEPLOY / "init-container.yaml"
 CNI_MANIFEST = DEPLOY / "cni-daemonset.yaml"
-# The args Istio's injector writes for istio-init by default (SPEC-istio §5.2, last block).
+# The args Istio's injector writes for istio-init by default (its injection-template.yaml).
 STANDARD_ARGS = [
     "istio-iptables",
     *("-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT"),

@@ -46,7 +46,7 @@ INBOUND_PORT = 15006
 DNS_PORT = 15053
 ADMIN_PORTS = (15021, 15020, 15090)
 
-# The injector's default istio-init arguments (SPEC.md: `meshnet demo`).
+# The injector's default istio-init arguments (also the ones `meshnet demo` applies).
 STANDARD = {
     "p": str(OUTBOUND_PORT),
     "z": str(INBOUND_PORT),
@@ -59,7 +59,7 @@ STANDARD = {
 }
 
 family_param = pytest.mark.parametrize("fam", FAMILIES, ids=lambda f: f.name)
-# The iptables plan (default backend) and the same plan as native nftables (SPEC-istio §3.7).
+# The iptables plan (default backend) and the same plan as native nftables.
 engine_param = pytest.mark.parametrize(
     "engine", [None, "native-nftables"], ids=["iptables", "nftables"]
 )
@@ -732,7 +732,7 @@ def test_tproxy_installs_policy_route(topology: Topology, fam: Family, engine: s
     topo = tproxy_pod(topology, fam, engine=engine)
     assert has_rule(ip_rules(topo, fam), 1337, 133), ip_rules(topo, fam)
     assert has_local_default(ip_routes(topo, fam, 133)), ip_routes(topo, fam, 133)
-    if fam.version == 6:  # the inbound passthrough source address (SPEC-istio §2.3)
+    if fam.version == 6:  # the inbound passthrough source address (Istio's ConfigureRoutes)
         lo = topo.exec(topo.pod_ns, ["ip", "-6", "addr", "show", "dev", "lo"], check=True)
         assert "inet6 ::6/128" in lo.stdout, lo.stdout
 

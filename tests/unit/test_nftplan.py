@@ -1,4 +1,4 @@
-"""The nftables planner (SPEC-istio §3.7): Istio's quirks, properties, own goldens, nft --check.
+"""The nftables planner: Istio's quirks, properties, own goldens, nft --check.
 
 Set MESHNET_REFRESH_GOLDENS=1 to rewrite tests/goldens/*.nft, then review the diff like code.
 """
@@ -63,7 +63,7 @@ def _ops(ruleset: NftRuleset, table: str, chain: str) -> list[NftRule]:
 
 
 def simulate(text: str) -> Chains:
-    """Apply a transaction text to an empty nft state (SPEC-istio §4.5 step 5).
+    """Apply a transaction text to an empty nft state.
 
     `add rule` appends; `insert rule ... index N` puts the rule before rule N, which must exist
     (nft refuses otherwise). A rule for an undeclared chain is an error, as in nft.
