@@ -208,7 +208,7 @@ def demo() -> None:
     run()
 
 
-def run(line: list[str]) -> int:
+def dispatch(line: list[str]) -> int:
     """Parse `line` with click and run the command; the exit status (MeshnetError is left to
     `meshnet.entry.main`, which owns the exit codes)."""
     try:

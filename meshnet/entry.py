@@ -32,7 +32,7 @@ def main(args: Sequence[str] | None = None) -> None:
         else:
             from meshnet import cli
 
-            status = cli.run(line)
+            status = cli.dispatch(line)
     except MeshnetError as err:
         logs.get().error(str(err))
         sys.exit(err.exit_code)
