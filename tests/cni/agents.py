@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -144,7 +145,10 @@ def through_agent(
         given = agent_dir / KUBECONFIG_NAME
         source = Path(str(conf.get("cni_agent_run_dir"))) / KUBECONFIG_NAME
         if source.exists():
-            shutil.copyfile(source, given)
+            # Atomically: concurrent calls of one test copy while the agent reads the file.
+            partial = given.with_name(f".{given.name}.{threading.get_ident()}")
+            shutil.copyfile(source, partial)
+            os.replace(partial, given)
         else:
             given.unlink(missing_ok=True)
         stdin = json.dumps({**conf, "cni_agent_run_dir": str(agent_dir)})
