@@ -14,7 +14,9 @@ from collections.abc import Sequence
 
 from meshnet.flags import EXTENSIONS, ISTIO_FLAGS, LOG_FLAGS, Flag
 
-__all__ = ["parse"]
+__all__ = ["REPORT_OUTPUTS", "parse", "report_output"]
+
+REPORT_OUTPUTS = ("text", "json")  # `--output` of verify and explain
 
 _FLAGS: tuple[Flag, ...] = ISTIO_FLAGS + EXTENSIONS + LOG_FLAGS
 _BY_NAME: dict[str, Flag] = {
@@ -60,3 +62,12 @@ def _split(arg: str) -> tuple[str, str | None]:
 
 def _looks_like_option(arg: str) -> bool:
     return arg.startswith("-") and len(arg) > 1
+
+
+def report_output(output: str | None, alias: str | None) -> str | None:
+    """verify's and explain's output: `--output`, else `--output-format` (its alias for these
+    commands), else "text"; None when the one chosen is not in REPORT_OUTPUTS."""
+    chosen = output if output is not None else alias
+    if chosen is None:
+        return "text"
+    return chosen if chosen in REPORT_OUTPUTS else None

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import click
 
 from meshnet import logs
+from meshnet.argv import REPORT_OUTPUTS, report_output
 from meshnet.flags import ENV_ONLY, EXTENSIONS, ISTIO_FLAGS, LOG_FLAGS, Flag
 
 USAGE_EXIT = 255  # cobra's usage errors end in os.Exit(-1)
@@ -96,32 +97,31 @@ def istio_clean_iptables(**given: str | None) -> None:
     run_clean(given, os.environ)
 
 
-def _output_option(choices: tuple[str, ...]) -> Callable[[F], F]:
+def _output_option() -> Callable[[F], F]:
     return click.option(
         "--output",
         "output",
-        type=click.Choice(choices),
+        type=click.Choice(REPORT_OUTPUTS),
         default=None,
-        help=f"{' or '.join(choices)} (default text); --output-format is an alias here.",
+        help=f"{' or '.join(REPORT_OUTPUTS)} (default text); --output-format is an alias here.",
     )
 
 
-def _output(output: str | None, given: dict[str, str | None], choices: tuple[str, ...]) -> str:
+def _output(output: str | None, given: dict[str, str | None]) -> str:
     """`--output`, or `--output-format` as its alias (for these commands it means the same)."""
     alias = given.pop("output_format", None)
-    if output is None and alias is not None:
-        if alias not in choices:
-            raise click.BadParameter(
-                f"{alias!r} is not one of {', '.join(map(repr, choices))}.",
-                param_hint="'--output-format'",
-            )
-        output = alias
-    return output or "text"
+    chosen = report_output(output, alias)
+    if chosen is None:
+        raise click.BadParameter(
+            f"{alias!r} is not one of {', '.join(map(repr, REPORT_OUTPUTS))}.",
+            param_hint="'--output-format'",
+        )
+    return chosen
 
 
 @cli.command("verify", epilog=_ENV_ONLY_HELP)
 @istio_flags
-@_output_option(("text", "json"))
+@_output_option()
 def verify(output: str | None, **given: str | None) -> None:
     """Compare the live rules with the plan for these flags: exit 0 equal, 3 drifted.
 
@@ -129,7 +129,7 @@ def verify(output: str | None, **given: str | None) -> None:
     differences)."""
     from meshnet.run import run_verify
 
-    chosen = _output(output, given, ("text", "json"))
+    chosen = _output(output, given)
     sys.exit(run_verify(given, os.environ, chosen))
 
 
@@ -153,12 +153,12 @@ def validate(**given: str | None) -> None:
     help="A connection to walk through the rules, e.g. 'out tcp uid=1000 "
     "dst=10.1.2.3:80' or 'in tcp dst=192.0.2.1:8080' (repeatable).",
 )
-@_output_option(("text", "json"))
+@_output_option()
 def explain(probes: tuple[str, ...], output: str | None, **given: str | None) -> None:
     """Show which rules a connection hits and whether it is captured (no root needed)."""
     from meshnet.run import run_explain
 
-    chosen = _output(output, given, ("text", "json"))
+    chosen = _output(output, given)
     run_explain(given, os.environ, probes, chosen)
 
 

@@ -17,7 +17,6 @@ from meshnet.errors import MeshnetError
 
 __all__ = ["main"]
 
-_OUTPUTS = ("text", "json")  # verify's --output choices
 _JSON_FLAGS = ("--log_as_json", "--log_as_json=true", "--log_as_json=1", "--log-format=json")
 
 
@@ -60,14 +59,12 @@ def _plain_verify(rest: list[str]) -> Callable[[], int] | None:
     given = argv.parse(rest, extra=("--output",))
     if given is None:
         return None
-    # --output-format is --output's alias here; a bad choice gets click's error.
-    output, alias = given.pop("output"), given.pop("output_format")
-    chosen = output if output is not None else alias
-    if chosen is not None and chosen not in _OUTPUTS:
-        return None
+    chosen = argv.report_output(given.pop("output"), given.pop("output_format"))
+    if chosen is None:
+        return None  # a bad choice gets click's error
     from meshnet import run
 
-    return lambda: run.run_verify(given, os.environ, chosen or "text")
+    return lambda: run.run_verify(given, os.environ, chosen)
 
 
 def log_format_early(line: list[str], environ: Mapping[str, str]) -> str:

@@ -14,7 +14,28 @@ from tests.support import STANDARD_ARGS, meshnet
 
 FLAGS = ISTIO_FLAGS + EXTENSIONS + LOG_FLAGS
 NAMES = sorted({name for f in FLAGS for name in (f.long, f.short) if name} | {"--output"})
-VALUES = st.sampled_from(["", "15001", "*", "-", "-x", "--dry-run", "true", "a=b", "--", "-p"])
+VALUES = st.sampled_from(
+    [
+        "",
+        "15001",
+        "*",
+        "-",
+        "-x",
+        "--dry-run",
+        "true",
+        "a=b",
+        "--",
+        "-p",
+        "a\nb",
+        "'; rm -rf /",
+        "$(id)",
+        "a b",
+        "é",
+        "-A OUTPUT -j ACCEPT",
+        "=",
+        "-=x",
+    ]
+)
 TOKEN = st.one_of(
     st.sampled_from(NAMES),
     st.builds(lambda n, v: f"{n}={v}", st.sampled_from(NAMES), VALUES),
@@ -92,6 +113,8 @@ def test_bool_flags_alone_or_before_another_flag_are_true() -> None:
     [
         (["istio-iptables", "-p", "0", "--dry-run"], 1, "-p/--envoy-port"),
         (["istio-iptables", "-p15001x", "--dry-run"], 1, "-p/--envoy-port"),
+        (["istio-iptables", "-i", "10.0.0.0/8\n-A OUTPUT -j ACCEPT", "--dry-run"], 1, "-i/"),
+        (["istio-iptables", "--istio-service-cidr=10.0.0.0/8\n-A X", "--dry-run"], 1, "-i/"),
         (["verify", "--output", "xml"], 255, "'xml' is not one of"),
         (["verify", "--output-format", "xml"], 255, "'xml' is not one of"),
     ],
