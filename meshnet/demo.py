@@ -22,9 +22,10 @@ from types import FrameType
 
 import click
 
-from meshnet import engine, netns, options, planner, proc
+from meshnet import engine, netns, options, proc
 from meshnet.environment import HostSystem
 from meshnet.errors import MeshnetError
+from meshnet.plan import iptables
 
 STANDARD_ARGS = {
     "envoy_port": "15001",
@@ -129,7 +130,7 @@ def _ip(*args: str) -> None:
 def _apply_standard_rules(pod: str) -> None:
     with netns.entered(pod):
         opts = options.build(options.gather(STANDARD_ARGS, {}), HostSystem())
-        ruleset = planner.plan(opts)
+        ruleset = iptables.ruleset(opts)
         engine.program(opts, ruleset)
     click.echo(
         "applied: meshnet istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT "

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from meshnet import explain_syntax as syntax
 from meshnet.explain_syntax import Action, Condition, Packet
 from meshnet.model import Ruleset
-from meshnet.nftplan import NftRuleset
+from meshnet.plan.nftables import NftRuleset
 from meshnet.probe import Probe
 
 

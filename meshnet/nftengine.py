@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from meshnet import logs, netns, nslock, routes
 from meshnet.backends.nftables import Nft
 from meshnet.errors import DriftError, MeshnetError, NamespaceError
-from meshnet.nftplan import TABLES, NftRuleset
 from meshnet.options import Options
+from meshnet.plan.nftables import TABLES, NftRuleset
 from meshnet.render import nft as render
 
 Listing = dict[str, list[str]]  # chain -> its lines, as `nft list table` prints them

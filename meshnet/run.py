@@ -10,11 +10,12 @@ import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 
-from meshnet import logs, netns, options, planner
+from meshnet import logs, netns, options
 from meshnet.environment import HostSystem
 from meshnet.errors import MeshnetError, OptionError
 from meshnet.model import Ruleset
 from meshnet.options import Options
+from meshnet.plan import iptables
 from meshnet.render import restore, transcript
 
 
@@ -60,7 +61,7 @@ def prepared(
     """Enter the namespace (if any), then validate the options and plan, inside it.
     `prints_rules`: the command prints rules with --dry-run, and applies them without it."""
     with entered(given, environ, prints_rules=prints_rules) as opts:
-        ruleset = planner.plan(opts)
+        ruleset = iptables.ruleset(opts)
         for warning in ruleset.warnings:
             logs.get().warning(warning)
         yield opts, ruleset
@@ -106,7 +107,7 @@ def run_istio_iptables(given: Mapping[str, str | None], environ: Mapping[str, st
 
 def _run_nftables(opts: Options) -> None:
     """--native-nftables: Istio's nft mode ignores --dry-run; meshnet honours it."""
-    from meshnet import nftplan
+    from meshnet.plan import nftables
     from meshnet.render import nft
 
     if opts.dry_run and opts.output_format not in ("nft", "restore", "dot"):
@@ -114,7 +115,7 @@ def _run_nftables(opts: Options) -> None:
             f"--output-format {opts.output_format} is not available with --native-nftables "
             "(use nft)"
         )
-    ruleset = nftplan.plan_nft(opts)
+    ruleset = nftables.ruleset(opts)
     for warning in ruleset.warnings:
         logs.get().warning(warning)
     if opts.dry_run:
@@ -151,9 +152,10 @@ def run_verify(
 
     with prepared(given, environ) as (opts, ruleset):
         if opts.native_nftables:
-            from meshnet import nftengine, nftplan
+            from meshnet import nftengine
+            from meshnet.plan import nftables
 
-            lines = nftengine.verify(opts, nftplan.plan_nft(opts))
+            lines = nftengine.verify(opts, nftables.ruleset(opts))
             backends = {f: "nftables" for f in ("ipv4", "ipv6")[: 1 + ruleset.ipv6_enabled]}
         else:
             lines, backends = engine.verify(opts, ruleset)
@@ -189,12 +191,13 @@ def run_explain(
     """Walk each probe through the plan these flags give (nft plan with --native-nftables)."""
     import json
 
-    from meshnet import explain, nftplan, probe
+    from meshnet import explain, probe
+    from meshnet.plan import nftables
 
     probes = [probe.parse(spec) for spec in specs]  # bad syntax fails before anything else
     with prepared(given, environ) as (opts, ruleset):
         if opts.native_nftables:
-            nft_plan = nftplan.plan_nft(opts)
+            nft_plan = nftables.ruleset(opts)
             results = [explain.explain_nft(nft_plan, p) for p in probes]
         else:
             results = [explain.explain_iptables(ruleset, p) for p in probes]

@@ -32,7 +32,7 @@ from meshnet import logs, nslock, proc, routes
 from meshnet.backends import ipset
 from meshnet.backends.iptables import IptablesRunner, describe
 from meshnet.errors import RouteError
-from meshnet.planner import set_name
+from meshnet.plan.steps import set_name
 
 _SAVE_TIMEOUT = 30.0
 _NS_GET_NSTYPE = 0xB703  # ioctl(2) on a namespace file: its CLONE_NEW* type
@@ -242,7 +242,7 @@ def _find_nft_tables() -> tuple[str, ...]:
     present = {line.split()[-1] for line in listed.stdout.splitlines() if line.startswith("table")}
     if not any(name.startswith("istio-proxy-") for name in present):
         return ()
-    from meshnet.nftplan import TABLES  # only now: it costs ~15 ms to import
+    from meshnet.plan.nftables import TABLES  # only now: it costs ~15 ms to import
 
     return tuple(t for t in TABLES if t in present)
 

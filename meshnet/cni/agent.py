@@ -475,7 +475,7 @@ def _warm_imports() -> None:
     import meshnet.backends.nftables
     import meshnet.cni.commands
     import meshnet.nftengine
-    import meshnet.nftplan  # noqa: F401
+    import meshnet.plan.nftables  # noqa: F401
 
 
 def _listen(settings: Settings) -> socket.socket:

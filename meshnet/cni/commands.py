@@ -7,7 +7,7 @@ import shutil
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-from meshnet import engine, logs, netns, nslock, options, planner, sweep
+from meshnet import engine, logs, netns, nslock, options, sweep
 from meshnet.cni import kube
 from meshnet.cni.plugin import (
     ERR_INTERNAL,
@@ -25,6 +25,7 @@ from meshnet.errors import MeshnetError
 from meshnet.flags import ENV_ONLY
 from meshnet.model import Ruleset
 from meshnet.options import Options, Raw
+from meshnet.plan import iptables
 from meshnet.render import transcript
 
 # Env-only options come from the plugin's own environment, as in Istio; nothing else does.
@@ -51,13 +52,13 @@ def check(call: Call) -> None:
         return
     with netns.entered(call.netns):  # verify holds the namespace's lock
         opts = _options(call, decision)
-        ruleset = planner.plan(opts)
         if opts.native_nftables:
-            from meshnet import nftengine, nftplan
+            from meshnet import nftengine
+            from meshnet.plan import nftables
 
-            drift = nftengine.verify(opts, nftplan.plan_nft(opts))
+            drift = nftengine.verify(opts, nftables.ruleset(opts))
         else:
-            drift, _ = engine.verify(opts, ruleset)
+            drift, _ = engine.verify(opts, iptables.ruleset(opts))
     if drift:
         raise CniError(ERR_INTERNAL, "pod rules drifted: " + "; ".join(drift[:5]))
 
@@ -164,15 +165,15 @@ def _program(call: Call, decision: PodDecision) -> None:
     dry_run_file = call.env.get("DRY_RUN_FILE_PATH", "")
     with netns.entered(call.netns):
         opts = _options(call, decision)
-        ruleset = planner.plan(opts)
         if dry_run_file:
-            _write_transcript(dry_run_file, ruleset)
+            _write_transcript(dry_run_file, iptables.ruleset(opts))
         elif opts.native_nftables:
-            from meshnet import nftengine, nftplan
+            from meshnet import nftengine
+            from meshnet.plan import nftables
 
-            nftengine.program(opts, nftplan.plan_nft(opts))
+            nftengine.program(opts, nftables.ruleset(opts))
         else:
-            engine.program(opts, ruleset)
+            engine.program(opts, iptables.ruleset(opts))
     logs.get().info("pod rules in place", netns=call.netns, dry_run=bool(dry_run_file))
 
 

@@ -2,7 +2,7 @@
 
 The container runtime runs it once per pod sandbox with the network config on stdin and the
 CNI_* variables in the environment. stdout carries only the CNI result or error; logs go to
-stderr as JSON. Imports stay light (stdlib, planner, engine): this runs ~110 times at once on
+stderr as JSON. Imports stay light (stdlib, plan, engine): this runs ~110 times at once on
 a busy node.
 """
 

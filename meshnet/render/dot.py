@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Literal
 
 from meshnet.model import Family, Rule, Ruleset
 
-if TYPE_CHECKING:  # types only: the iptables dry run should not import the nft planner
-    from meshnet.nftplan import NftChain, NftRule, NftRuleset, NftTable
+if TYPE_CHECKING:  # types only: the iptables dry run should not import the nft lowering
+    from meshnet.plan.nftables import NftChain, NftRule, NftRuleset, NftTable
 
 Kind = Literal["chain", "intercept", "pass", "drop", "mark", "other"]
 

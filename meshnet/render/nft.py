@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 
 from meshnet.errors import UnsafeTextError
-from meshnet.nftplan import NftChain, NftRule, NftRuleset, NftSet, NftTable
+from meshnet.plan.nftables import NftChain, NftRule, NftRuleset, NftSet, NftTable
 
 FAMILY = "inet"  # every Istio table is inet: one rule serves IPv4 and IPv6
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")  # table, chain and set names

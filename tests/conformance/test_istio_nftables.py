@@ -19,7 +19,7 @@ import pytest
 
 from meshnet import options
 from meshnet.cli import istio_iptables
-from meshnet.nftplan import plan_nft
+from meshnet.plan import nftables
 from meshnet.render import nft
 from tests.conftest import RAN
 from tests.support import CONFORMANCE, conformance_cases, meshnet
@@ -57,7 +57,7 @@ def render_case(args: list[str], env: dict[str, str]) -> str:
     """Parse argv with the real click command, build Options on a fake system, plan, render."""
     given = istio_iptables.make_context("istio-iptables", [*args, "--native-nftables"]).params
     raw = options.gather(given, env)
-    return nft.render(plan_nft(options.build(raw, FakeSystem())))
+    return nft.render(nftables.ruleset(options.build(raw, FakeSystem())))
 
 
 @pytest.mark.parametrize("case", conformance_cases("istio-nftables"))

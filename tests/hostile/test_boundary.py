@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshnet import options, planner
+from meshnet import options
 from meshnet.backends.iptables import _check_restore_text
 from meshnet.cli import istio_iptables
 from meshnet.cni.pod import decide, origin_of
@@ -26,7 +26,8 @@ from meshnet.errors import (
 )
 from meshnet.flags import ALL_FLAGS
 from meshnet.model import Rule
-from meshnet.nftplan import NftChain, NftRule, NftRuleset, NftTable, plan_nft
+from meshnet.plan import iptables, nftables
+from meshnet.plan.nftables import NftChain, NftRule, NftRuleset, NftTable
 from meshnet.render import nft, restore
 from meshnet.state import simulate_restore
 from tests.cni.fakes import mesh_pod
@@ -295,7 +296,7 @@ def test_random_text_in_any_option_is_refused_cleanly_or_round_trips(
         assert "\n" not in str(err) and "\x00" not in str(err)
         assert origin in str(err), str(err)
         return
-    ruleset = planner.plan(opts)  # accepted: the texts must carry exactly the model
+    ruleset = iptables.ruleset(opts)  # accepted: the texts must carry exactly the model
     blocks = restore_blocks(restore.render(ruleset))
     for family in ruleset.families():
         loaded = simulate_restore(blocks[family])
@@ -303,7 +304,7 @@ def test_random_text_in_any_option_is_refused_cleanly_or_round_trips(
         assert {t: {c: r for c, r in ch.items() if r} for t, ch in loaded.items()} == {
             t: {c: r for c, r in ch.items() if r} for t, ch in expected.items()
         }
-    nft_plan = plan_nft(opts)
+    nft_plan = nftables.ruleset(opts)
     try:
         script = nft.render(nft_plan)
     except MeshnetError as err:  # never silently: only the unquotable

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from meshnet import explain, nftplan, options, planner, probe
+from meshnet import explain, options, probe
 from meshnet.cli import istio_iptables
+from meshnet.plan import iptables, nftables
 from tests.unit.test_options import FakeSystem
 
 from .harness import FAMILIES, Landing, Topology
@@ -81,8 +82,8 @@ def _explain(argv: list[str], env: dict[str, str], parsed: probe.Probe) -> Any:
     system = FakeSystem(("192.0.2.1", "2001:db8::1"))
     opts = options.build(options.gather(params, env), system)
     if opts.native_nftables:
-        return explain.explain_nft(nftplan.plan_nft(opts), parsed)
-    return explain.explain_iptables(planner.plan(opts), parsed)
+        return explain.explain_nft(nftables.ruleset(opts), parsed)
+    return explain.explain_iptables(iptables.ruleset(opts), parsed)
 
 
 @pytest.fixture(autouse=True)

@@ -21,9 +21,9 @@ import pytest
 from meshnet import options
 from meshnet.cli import istio_iptables
 from meshnet.model import Rule, Ruleset
-from meshnet.nftplan import NftChain, NftRule, NftRuleset, NftTable, plan_nft
 from meshnet.options import Options
-from meshnet.planner import plan
+from meshnet.plan import iptables, nftables
+from meshnet.plan.nftables import NftChain, NftRule, NftRuleset, NftTable
 from meshnet.render import dot
 from tests.support import IN_CI
 from tests.unit.test_goldens import CASES, STANDARD
@@ -106,7 +106,7 @@ def _drawn_texts(graph: dict[str, Any]) -> list[str]:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_chain_is_a_node(name: str) -> None:
-    ruleset = plan(_options(DOT_CASES[name]))
+    ruleset = iptables.ruleset(_options(DOT_CASES[name]))
     nodes = _nodes(dot.render(ruleset))
     for family in ruleset.families():
         declared = ruleset.user_chains(family)
@@ -117,7 +117,7 @@ def test_every_chain_is_a_node(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_jump_is_one_edge(name: str) -> None:
-    ruleset = plan(_options(DOT_CASES[name]))
+    ruleset = iptables.ruleset(_options(DOT_CASES[name]))
     expected: Counter[tuple[str, str]] = Counter()
     for family in ruleset.families():
         declared = ruleset.user_chains(family)
@@ -132,7 +132,7 @@ def test_every_jump_is_one_edge(name: str) -> None:
 
 
 def test_outbound_capture_path_reads_from_hook_to_redirect() -> None:
-    text = dot.render(plan(_options([*STANDARD, "--enable-ipv6", "false"])))
+    text = dot.render(iptables.ruleset(_options([*STANDARD, "--enable-ipv6", "false"])))
     edges = set(_edges(text))
     path = ["OUTPUT", "ISTIO_OUTPUT", "ISTIO_REDIRECT", "=> REDIRECT :15001"]
     for tail, head in itertools.pairwise(path):
@@ -141,7 +141,7 @@ def test_outbound_capture_path_reads_from_hook_to_redirect() -> None:
 
 
 def test_match_and_target_are_summarised() -> None:
-    text = dot.render(plan(_options(EVERYTHING)))
+    text = dot.render(iptables.ruleset(_options(EVERYTHING)))
     assert "out lo, dst != 127.0.0.1/32, tcp, dports != 53,15008, uid 1337" in text
     assert "TPROXY :15006 mark 1337/0xffffffff" in text
     assert "CONNMARK save-mark" in text and "CT zone 2" in text
@@ -163,20 +163,20 @@ def test_match_and_target_are_summarised() -> None:
     ],
 )
 def test_target_kinds_are_coloured_distinctly(target: str, kind: dot.Kind) -> None:
-    text = dot.render(plan(_options(EVERYTHING)))
+    text = dot.render(iptables.ruleset(_options(EVERYTHING)))
     cell = f'BGCOLOR="{dot._KIND_COLORS[kind]}"><FONT FACE="monospace">{target}</FONT>'
     assert cell in text
     assert len(set(dot._KIND_COLORS.values())) == len(dot._KIND_COLORS)
 
 
 def test_output_is_deterministic() -> None:
-    first = dot.render(plan(_options(EVERYTHING)))
-    assert dot.render(plan(_options(EVERYTHING))) == first
+    first = dot.render(iptables.ruleset(_options(EVERYTHING)))
+    assert dot.render(iptables.ruleset(_options(EVERYTHING))) == first
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_graphviz_renders_the_plan(name: str) -> None:
-    svg = _run_dot(dot.render(plan(_options(DOT_CASES[name]))), "svg")
+    svg = _run_dot(dot.render(iptables.ruleset(_options(DOT_CASES[name]))), "svg")
     assert "ISTIO_OUTPUT" in svg
 
 
@@ -185,7 +185,7 @@ def test_graphviz_renders_the_plan(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_nft_every_chain_is_a_node_and_every_jump_an_edge(name: str) -> None:
-    ruleset = plan_nft(_options(DOT_CASES[name]))
+    ruleset = nftables.ruleset(_options(DOT_CASES[name]))
     text = dot.render_nft(ruleset)
     chains = ruleset.chains()
     nodes = _nodes(text)
@@ -203,7 +203,7 @@ def test_nft_every_chain_is_a_node_and_every_jump_an_edge(name: str) -> None:
 
 
 def test_nft_capture_path_and_base_chain_spec() -> None:
-    text = dot.render_nft(plan_nft(_options([*STANDARD, "--enable-ipv6", "false"])))
+    text = dot.render_nft(nftables.ruleset(_options([*STANDARD, "--enable-ipv6", "false"])))
     edges = set(_edges(text))
     path = ["output", "istio-output", "istio-redirect", "=> redirect to :15001"]
     for tail, head in itertools.pairwise(path):
@@ -213,7 +213,7 @@ def test_nft_capture_path_and_base_chain_spec() -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_graphviz_renders_the_nft_plan(name: str) -> None:
-    svg = _run_dot(dot.render_nft(plan_nft(_options(DOT_CASES[name]))), "svg")
+    svg = _run_dot(dot.render_nft(nftables.ruleset(_options(DOT_CASES[name]))), "svg")
     assert "istio-output" in html.unescape(svg)
 
 

@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshnet import explain, nftplan, options, planner, probe
+from meshnet import explain, options, probe
 from meshnet import explain_syntax as syntax
 from meshnet.errors import OptionError
+from meshnet.plan import iptables, nftables
 from tests.support import meshnet
 from tests.unit.test_options import FakeSystem
 from tests.unit.test_planner_properties import bools, env_values, flag_values
@@ -31,8 +32,8 @@ def _both(flags: dict[str, str], spec: str) -> tuple[explain.Verdict, explain.Ve
     opts = options.build(options.gather(flags, {}), FakeSystem())
     parsed = probe.parse(spec)
     return (
-        explain.explain_iptables(planner.plan(opts), parsed).verdict,
-        explain.explain_nft(nftplan.plan_nft(opts), parsed).verdict,
+        explain.explain_iptables(iptables.ruleset(opts), parsed).verdict,
+        explain.explain_nft(nftables.ruleset(opts), parsed).verdict,
     )
 
 
@@ -207,7 +208,7 @@ def test_iptables_and_nft_plans_give_the_same_verdict(
     """Both families, IPv6 on or off (detected from a dual-stack pod, with and without
     --dual-stack): the nft plan sends every probe where the iptables plan does."""
     opts = _build({**flags, "enable_ipv6": ipv6, "dual_stack": dual_stack}, env)
-    ipt_plan, nft_plan = planner.plan(opts), nftplan.plan_nft(opts)
+    ipt_plan, nft_plan = iptables.ruleset(opts), nftables.ruleset(opts)
     for _ in range(PROBES_PER_PLAN):
         spec = _probe_spec(data, opts)
         parsed = probe.parse(spec)

@@ -17,8 +17,9 @@ from hypothesis import given, settings
 
 from meshnet import options
 from meshnet.cli import istio_iptables
-from meshnet.nftplan import IPV4_ONLY, MANGLE, NAT, RAW, NftRule, NftRuleset, plan_nft
 from meshnet.options import Options
+from meshnet.plan import nftables
+from meshnet.plan.nftables import IPV4_ONLY, MANGLE, NAT, RAW, NftRule, NftRuleset
 from meshnet.render import nft
 from tests.support import IN_CI, REPO
 from tests.unit.test_goldens import CASES
@@ -42,7 +43,7 @@ def _options(args: list[str], env: Mapping[str, str] | None = None) -> Options:
 
 
 def _plan(args: list[str], env: Mapping[str, str] | None = None) -> NftRuleset:
-    return plan_nft(_options(args, env))
+    return nftables.ruleset(_options(args, env))
 
 
 def _final(ruleset: NftRuleset) -> Chains:
@@ -359,7 +360,7 @@ def test_rendered_transaction_simulates_to_the_model_order(
     flags: dict[str, str], env: dict[str, str]
 ) -> None:
     o = options.build(options.gather(flags, env), FakeSystem())
-    ruleset = plan_nft(o)
+    ruleset = nftables.ruleset(o)
     assert simulate(nft.render(ruleset)) == _final(ruleset)
     assert all(rule.reason for rule in ruleset.rules())
     if _dangling_dns_jumps_expected(o):
@@ -374,10 +375,10 @@ def test_rendered_transaction_simulates_to_the_model_order(
 @settings(max_examples=100, deadline=None)
 @given(flags=flag_values, env=env_values)
 def test_ipv6_only_adds_ip6_rules(flags: dict[str, str], env: dict[str, str]) -> None:
-    v4 = plan_nft(
+    v4 = nftables.ruleset(
         options.build(options.gather({**flags, "enable_ipv6": "false"}, env), FakeSystem())
     )
-    v6 = plan_nft(
+    v6 = nftables.ruleset(
         options.build(options.gather({**flags, "enable_ipv6": "true"}, env), FakeSystem())
     )
     assert _family_free(v6) == _family_free(v4)

@@ -6,8 +6,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshnet import options, planner
+from meshnet import options
 from meshnet.model import Family, Ruleset
+from meshnet.plan import iptables
 from meshnet.render import restore, transcript
 from meshnet.state import simulate_restore
 from tests.support import restore_blocks
@@ -59,7 +60,7 @@ env_values = st.fixed_dictionaries(
 
 def _plan(flags: dict[str, str], env: dict[str, str]) -> Ruleset:
     raw = options.gather(flags, env)
-    return planner.plan(options.build(raw, FakeSystem()))
+    return iptables.ruleset(options.build(raw, FakeSystem()))
 
 
 def _model_chains(ruleset: Ruleset, family: Family) -> dict[str, dict[str, list[tuple[str, ...]]]]:
