@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from meshnet.plan import ir
 
 Family = Literal["ipv4", "ipv6"]
 FAMILIES: tuple[Family, ...] = ("ipv4", "ipv6")
@@ -28,6 +31,9 @@ class Rule:
     spec: tuple[str, ...]
     reason: str
     insert_at: int | None = None  # 1-based `-I CHAIN N`; None means `-A CHAIN`
+    # The plan's rule this was lowered from (explain and dot read it); None when read back
+    # from the kernel. Not part of equality: a planned rule equals its read-back form.
+    source: ir.Rule | None = field(default=None, compare=False, repr=False)
 
     @property
     def target(self) -> str | None:

@@ -30,7 +30,7 @@ def lower(plan: ir.Plan) -> Ruleset:
 
 def rule(source: ir.Rule) -> Rule:
     spec = (*matches(source.matches), *target(source))
-    return Rule(source.table, source.chain, spec, source.reason, source.insert_at)
+    return Rule(source.table, source.chain, spec, source.reason, source.insert_at, source)
 
 
 def matches(given: tuple[Match, ...]) -> list[str]:
@@ -60,6 +60,8 @@ def match(m: Match) -> list[str]:
         return [*bang, f"--{m.kind}", m.value]
     if m.kind == "ctstate":
         return ["-m", "conntrack", "--ctstate", ",".join(m.values).upper()]
+    if m.kind not in _MODULE:  # nfproto: iptables has one table per family instead
+        raise ValueError(f"no iptables form for a {m.kind} match")
     module, option = _MODULE[m.kind]
     return ["-m", module, *bang, option, m.value]
 

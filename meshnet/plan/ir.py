@@ -33,6 +33,7 @@ MatchKind = Literal[
     "ctstate",  # -m conntrack --ctstate / ct state
     "mark",  # -m mark --mark / mark
     "connmark",  # -m connmark --mark / ct mark
+    "nfproto",  # meta nfproto (nft only: meshnet's IPv6 guard with IPv6 off)
 ]
 TargetKind = Literal[
     "jump",  # to a chain of the plan

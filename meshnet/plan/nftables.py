@@ -32,7 +32,7 @@ NAT = "istio-proxy-nat"
 MANGLE = "istio-proxy-mangle"
 RAW = "istio-proxy-raw"
 TABLES: tuple[str, ...] = (NAT, MANGLE, RAW)  # transaction order
-_TABLE = {"nat": NAT, "mangle": MANGLE, "raw": RAW}
+_TABLE: dict[ir.Table, str] = {"nat": NAT, "mangle": MANGLE, "raw": RAW}
 COUNTER = "counter"  # constants.Counter: Istio puts it right before every verdict/statement
 # meshnet's own first rule of every base chain when IPv6 is off (`_ipv4_only`).
 IPV4_ONLY = ("meta", "nfproto", "ipv6", COUNTER, "return")
@@ -69,6 +69,8 @@ class NftRule:
     reason: str
     requested_index: int | None = None
     index: int | None = None
+    # The plan's rule this was lowered from (explain and dot read it).
+    source: ir.Rule | None = field(default=None, compare=False, repr=False)
 
     @property
     def text(self) -> str:
@@ -214,12 +216,20 @@ def rule(source: ir.Rule) -> NftRule:
     owner = ("meta",) if source.table == "raw" else ()
     spec = tuple(w for m in given for w in _match(m, ip, owner)) + _target(source.target, ip)
     index = None if source.insert_at is None else source.insert_at - 1
-    return NftRule(
-        _TABLE[source.table], chain_name(source.chain), spec, source.reason, index, index
-    )
+    table, chain = _TABLE[source.table], chain_name(source.chain)
+    return NftRule(table, chain, spec, source.reason, index, index, source)
 
 
-_ORDER = {"iif": 0, "oif": 0, "proto": 1, "ctstate": 2, "src": 3, "dst": 3, "dst-set": 3}
+_ORDER = {
+    "iif": 0,
+    "oif": 0,
+    "proto": 1,
+    "nfproto": 1,
+    "ctstate": 2,
+    "src": 3,
+    "dst": 3,
+    "dst-set": 3,
+}
 _ORDER |= {"sport": 4, "dport": 4, "uid": 5, "gid": 5, "mark": 6, "connmark": 6}
 _WORDS: dict[str, tuple[str, ...]] = {
     "iif": ("iifname",),
@@ -234,6 +244,8 @@ def _match(m: Match, ip: str, owner: tuple[str, ...]) -> tuple[str, ...]:
     bang = ("!=",) if m.negated else ()
     if m.kind == "proto":
         return ("meta", "l4proto", m.value)
+    if m.kind == "nfproto":
+        return ("meta", "nfproto", m.value)
     if m.kind == "ctstate":
         return ("ct", "state", ",".join(m.values))
     if m.kind == "dst-set":
@@ -298,13 +310,16 @@ def _ipv4_only(table: NftTable) -> NftTable:
     simply not programmed. The guard is inserted at index 0 as each table's last operation, so
     it ends up first whatever Istio's own inserts did, and no other operation changes.
     """
-    why = "IPv6 is off: IPv6 packets are left alone, as ip6tables would be without rules"
+    short = next(k for k, v in _TABLE.items() if v == table.name)
     guards = tuple(
-        NftRule(table.name, chain.name, IPV4_ONLY, why, requested_index=0, index=0)
-        for chain in table.chains
-        if chain.is_base
+        rule(_guard(short, chain.name.upper())) for chain in table.chains if chain.is_base
     )
     return replace(table, rules=(*table.rules, *guards))
+
+
+def _guard(table: ir.Table, chain: str) -> ir.Rule:
+    why = "IPv6 is off: IPv6 packets are left alone, as ip6tables would be without rules"
+    return ir.Rule(table, chain, (Match("nfproto", ("ipv6",)),), ir.RETURN, why, insert_at=1)
 
 
 def ruleset(options: Options) -> NftRuleset:

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshnet import explain, options, probe
-from meshnet import explain_syntax as syntax
 from meshnet.errors import OptionError
-from meshnet.plan import iptables, nftables
+from meshnet.explain import conditions
+from meshnet.plan import iptables, ir, nftables
 from tests.support import meshnet
 from tests.unit.test_options import FakeSystem
 from tests.unit.test_planner_properties import bools, env_values, flag_values
@@ -69,27 +69,28 @@ def test_proxy_to_ipv6_loopback_is_not_captured_on_the_nft_plan() -> None:
 
 
 @pytest.mark.parametrize(
-    ("rule", "spec", "matches"),
+    ("match", "spec", "matches"),
     [
-        ("ip daddr != 127.0.0.1/32", "out tcp dst=[2001:db8::2]:80", False),
-        ("ip daddr != 127.0.0.1/32", "out tcp dst=192.0.2.2:80", True),
-        ("ip6 daddr != ::1/128", "out tcp dst=192.0.2.2:80", False),
-        ("ip daddr { 10.0.0.0/8, 192.0.2.0/24 }", "out tcp dst=[2001:db8::2]:80", False),
-        ("tcp dport != 53", "out udp dst=192.0.2.2:80", False),
-        ("udp dport { 53, 80 }", "out tcp dst=192.0.2.2:80", False),
-        ("th dport 53", "out udp dst=[2001:db8::2]:53", True),
-        ("meta l4proto tcp", "out tcp dst=[2001:db8::2]:53", True),
-        ("meta nfproto ipv6", "in tcp dst=[2001:db8::1]:80", True),
-        ("meta nfproto ipv6", "in tcp dst=192.0.2.1:80", False),
-        ("skuid != 1337", "in tcp dst=192.0.2.1:80", False),
-        ("ip protocol udp", "out udp dst=[2001:db8::2]:53", False),
-        ("ip6 nexthdr udp", "out udp dst=[2001:db8::2]:53", True),
+        (ir.dst("127.0.0.1/32", negated=True), "out tcp dst=[2001:db8::2]:80", False),
+        (ir.dst("127.0.0.1/32", negated=True), "out tcp dst=192.0.2.2:80", True),
+        (ir.dst("::1/128", negated=True), "out tcp dst=192.0.2.2:80", False),
+        (ir.dst_set("v4"), "out tcp dst=[2001:db8::2]:80", False),
+        (ir.dst_set("v4"), "out tcp dst=192.0.2.2:80", True),
+        (ir.dport("tcp", "53", negated=True), "out udp dst=192.0.2.2:80", False),
+        (ir.dport("udp", "53", "80"), "out tcp dst=192.0.2.2:80", False),
+        (ir.dport("udp", "53", "80"), "out udp dst=192.0.2.2:80", True),
+        (ir.proto("tcp"), "out tcp dst=[2001:db8::2]:53", True),
+        (ir.Match("nfproto", ("ipv6",)), "in tcp dst=[2001:db8::1]:80", True),
+        (ir.Match("nfproto", ("ipv6",)), "in tcp dst=192.0.2.1:80", False),
+        (ir.owner("uid", "1337", negated=True), "in tcp dst=192.0.2.1:80", False),
+        (ir.owner("uid", "1337", negated=True), "out tcp uid=7 dst=192.0.2.1:80", True),
     ],
 )
-def test_nft_matches_carry_their_implicit_dependencies(rule: str, spec: str, matches: bool) -> None:
-    conditions, _ = syntax.parse_nft([*rule.split(), "counter", "return"])
-    parsed = probe.parse(spec)
-    assert all(c(parsed, syntax.Packet(mark=0)) for c in conditions) is matches
+def test_matches_carry_their_implicit_dependencies(
+    match: ir.Match, spec: str, matches: bool
+) -> None:
+    test = conditions.condition(match, {"v4": ("192.0.2.0/24", "10.0.0.0/8")})
+    assert test(probe.parse(spec), conditions.Packet(mark=0)) is matches
 
 
 def test_tproxy_inbound_and_dns_capture() -> None:

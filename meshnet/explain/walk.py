@@ -6,8 +6,9 @@ iptables and nftables alike). nat sees only the first packet of a connection. Th
 jumps, returns and falling off a chain, applies the marks and zones that rules set, and ends in
 a verdict: REDIRECT to a port, TPROXY to a port, dropped, or not captured.
 
-Both plans are read back from their own rule text (iptables tokens, nft statements) into one
-small vocabulary of conditions and actions, so the walk itself is shared.
+Both lowered plans are walked through the typed rules they were lowered from
+(`meshnet.explain.conditions`), in each plan's own tables, chains and final rule order, so the
+walk itself is shared and no rule text is parsed back.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from meshnet import explain_syntax as syntax
-from meshnet.explain_syntax import Action, Condition, Packet
-from meshnet.model import Ruleset
-from meshnet.plan.nftables import NftRuleset
+from meshnet.explain import conditions as cond
+from meshnet.explain.conditions import Action, Condition, Packet
+from meshnet.model import Rule, Ruleset
+from meshnet.plan import ir
+from meshnet.plan.nftables import NftRule, NftRuleset, chain_name
 from meshnet.probe import Probe
 
 
@@ -81,10 +83,7 @@ def explain_iptables(ruleset: Ruleset, probe: Probe) -> Explanation:
     if probe.family == "ipv4" or ruleset.ipv6_enabled:
         tables = {
             table: {
-                chain: [
-                    _parse_iptables(rule.spec, " ".join(rule.append_form()), rule.reason, sets)
-                    for rule in rules
-                ]
+                chain: [_iptables_rule(rule, sets) for rule in rules]
                 for chain, rules in chains.items()
             }
             for table, chains in ruleset.chains(probe.family).items()
@@ -99,36 +98,36 @@ def explain_nft(ruleset: NftRuleset, probe: Probe) -> Explanation:
     chains = ruleset.chains()
     sets = {s.name: s.members for t in ruleset.tables for s in t.sets}
     order = []
-    for short, table in (
-        ("raw", "istio-proxy-raw"),
-        ("mangle", "istio-proxy-mangle"),
-        ("nat", "istio-proxy-nat"),
-    ):
+    for short, table in _NFT_TABLES.items():
         parsed = {
-            chain: [_parse_nft(rule.spec, rule.text, rule.reason, sets) for rule in rules]
+            chain: [_nft_rule(rule, sets) for rule in rules]
             for chain, rules in chains.get(table, {}).items()
         }
         order.append((short, parsed, hook))
-    return _run(
-        "nftables",
-        order,
-        probe,
-        names={"raw": "istio-proxy-raw", "mangle": "istio-proxy-mangle", "nat": "istio-proxy-nat"},
-    )
+    return _run("nftables", order, probe, names=_NFT_TABLES)
 
 
-def _parse_iptables(
-    spec: Sequence[str], text: str, reason: str, sets: Mapping[str, Sequence[str]]
-) -> ParsedRule:
-    conditions, actions = syntax.parse_iptables(spec, sets)
-    return ParsedRule(text, reason, tuple(conditions), tuple(actions))
+_NFT_TABLES = {"raw": "istio-proxy-raw", "mangle": "istio-proxy-mangle", "nat": "istio-proxy-nat"}
 
 
-def _parse_nft(
-    spec: Sequence[str], text: str, reason: str, sets: Mapping[str, Sequence[str]]
-) -> ParsedRule:
-    conditions, actions = syntax.parse_nft(spec, sets)
-    return ParsedRule(text, reason, tuple(conditions), tuple(actions))
+def _iptables_rule(rule: Rule, sets: cond.Sets) -> ParsedRule:
+    source = _source(rule.source)
+    conditions = cond.conditions(source.matches, sets, nft=False)
+    actions = cond.actions(source.target, lambda chain: chain)
+    return ParsedRule(" ".join(rule.append_form()), rule.reason, conditions, actions)
+
+
+def _nft_rule(rule: NftRule, sets: cond.Sets) -> ParsedRule:
+    source = _source(rule.source)
+    conditions = cond.conditions(source.matches, sets, nft=True)
+    actions = cond.actions(source.target, chain_name)
+    return ParsedRule(rule.text, rule.reason, conditions, actions)
+
+
+def _source(source: ir.Rule | None) -> ir.Rule:
+    if source is None:
+        raise ValueError("explain walks planned rules only (this one was not lowered from a plan)")
+    return source
 
 
 def _run(
