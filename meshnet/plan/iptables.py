@@ -34,16 +34,22 @@ def rule(source: ir.Rule) -> Rule:
 
 
 def matches(given: tuple[Match, ...]) -> list[str]:
-    tokens: list[str] = []
+    return [token for m in effective(given) for token in match(m)]
+
+
+def effective(given: tuple[Match, ...]) -> tuple[Match, ...]:
+    """The matches iptables writes: without `nft_only` ones, and with `-p` before a port match
+    of a rule that did not match its protocol yet."""
+    found: list[Match] = []
     has_proto = False
     for m in given:
         if m.nft_only:
             continue
         if m.kind in ("sport", "dport") and not has_proto:
-            tokens += ["-p", m.proto]
+            found.append(ir.proto(m.proto))
         has_proto = has_proto or m.kind in ("proto", "sport", "dport")
-        tokens += match(m)
-    return tokens
+        found.append(m)
+    return tuple(found)
 
 
 def match(m: Match) -> list[str]:

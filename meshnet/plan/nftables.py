@@ -209,15 +209,20 @@ def _sets(plan: ir.Plan) -> tuple[NftSet, ...]:
 
 
 def rule(source: ir.Rule) -> NftRule:
+    matched, verdict = parts(source)
+    index = None if source.insert_at is None else source.insert_at - 1
+    table, chain = _TABLE[source.table], chain_name(source.chain)
+    return NftRule(table, chain, (*matched, *verdict), source.reason, index, index, source)
+
+
+def parts(source: ir.Rule) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The rule's words: its matches, then its statements and verdict."""
     given = source.matches
     if source.table != "raw":
         given = tuple(sorted(given, key=lambda m: _ORDER[m.kind]))
     ip = "ip6" if source.scope == "ipv6" else "ip"
     owner = ("meta",) if source.table == "raw" else ()
-    spec = tuple(w for m in given for w in _match(m, ip, owner)) + _target(source.target, ip)
-    index = None if source.insert_at is None else source.insert_at - 1
-    table, chain = _TABLE[source.table], chain_name(source.chain)
-    return NftRule(table, chain, spec, source.reason, index, index, source)
+    return tuple(w for m in given for w in _match(m, ip, owner)), _target(source.target, ip)
 
 
 _ORDER = {

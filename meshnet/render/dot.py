@@ -18,11 +18,12 @@ model's order and nothing else. Stdlib only.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from meshnet.model import Family, Rule, Ruleset
+from meshnet.plan import iptables, ir
 
 if TYPE_CHECKING:  # types only: the iptables dry run should not import the nft lowering
     from meshnet.plan.nftables import NftChain, NftRule, NftRuleset, NftTable
@@ -56,41 +57,22 @@ _LEGEND: tuple[tuple[str, str], ...] = (
     (_KIND_COLORS["mark"], "MARK / CONNMARK / CT: sets state, packet goes on"),
 )
 
-_IPTABLES_KINDS: dict[str, Kind] = {
-    "REDIRECT": "intercept",
-    "TPROXY": "intercept",
-    "DNAT": "intercept",
-    "RETURN": "pass",
-    "ACCEPT": "pass",
-    "DROP": "drop",
-    "REJECT": "drop",
-    "MARK": "mark",
-    "CONNMARK": "mark",
-    "CT": "mark",
+# How each target kind of the plan is coloured.
+_KINDS: dict[str, Kind] = {
+    "jump": "chain",
+    "redirect": "intercept",
+    "tproxy": "intercept",
+    "return": "pass",
+    "accept": "pass",
+    "drop": "drop",
+    "set-mark": "mark",
+    "save-mark": "mark",
+    "restore-mark": "mark",
+    "zone": "mark",
 }
-# How an iptables match option reads in the summary; "" shows the bare value (`tcp`).
-_MATCH_WORDS: dict[str, str] = {
-    "-p": "",
-    "--protocol": "",
-    "-s": "src",
-    "--source": "src",
-    "-d": "dst",
-    "--destination": "dst",
-    "-i": "in",
-    "--in-interface": "in",
-    "-o": "out",
-    "--out-interface": "out",
-    "--uid-owner": "uid",
-    "--gid-owner": "gid",
-    "--ctstate": "ct",
-    "--state": "ct",
-    "--match-set": "set",
-}
-# The first token of an nft rule's statement part (everything before it is the match).
-_NFT_STATEMENTS = frozenset(
-    {"counter", "jump", "goto", "return", "accept", "drop", "reject", "redirect", "tproxy"}
-    | {"dnat", "snat", "masquerade", "queue", "log", "notrack"}
-)
+# How an iptables match reads in the summary: `out lo, dst != 127.0.0.1/32, uid 1337`.
+_MATCH_WORDS: dict[str, str] = {"src": "src", "dst": "dst", "iif": "in", "oif": "out"}
+_MATCH_WORDS |= {"uid": "uid", "gid": "gid", "mark": "mark", "connmark": "connmark"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,70 +158,51 @@ def _iptables_table(table: str, chains: dict[str, list[Rule]], declared: list[st
 
 
 def _iptables_row(rule: Rule, user_chains: Collection[str]) -> _Row:
-    spec = rule.spec
-    cut = next((i for i, token in enumerate(spec) if token in ("-j", "-g")), len(spec))
-    target = spec[cut + 1 :]
-    name = target[0] if target else ""
-    jump = name if name in user_chains else None
-    kind: Kind = "chain" if jump else _IPTABLES_KINDS.get(name, "other")
+    source = _source(rule.source)
+    target = source.target
+    jump = target.chain if target.kind == "jump" and target.chain in user_chains else None
+    kind: Kind = "chain" if jump else _KINDS[target.kind]
+    summary = ", ".join(_summary(m) for m in iptables.effective(source.matches)) or "*"
     text = " ".join(rule.append_form())
-    return _Row(
-        _iptables_match(spec[:cut]), _iptables_target(target), kind, rule.reason, text, jump
-    )
+    return _Row(summary, _iptables_target(target), kind, rule.reason, text, jump)
 
 
-def _iptables_match(tokens: Sequence[str]) -> str:
-    """The match part in short: `-o lo ! -d 127.0.0.1/32 -m owner --uid-owner 1337` reads
-    `out lo, dst != 127.0.0.1/32, uid 1337`. `-m MODULE` is dropped (the option after it says
-    the same); an option's values run up to the next option or `!`."""
-    parts: list[str] = []
-    negated = False
-    module = ""
-    index = 0
-    while index < len(tokens):
-        option = tokens[index]
-        if option == "!":
-            negated, index = True, index + 1
-            continue
-        end = _values_end(tokens, index + 1)
-        values = " ".join(tokens[index + 1 : end])
-        if option in ("-m", "--match"):
-            module = values  # implied by the option that follows, so not shown
-        else:
-            parts.append(_condition(option, values, negated, module))
-        negated, index = False, end
-    return ", ".join(parts) or "*"
+def _source(source: ir.Rule | None) -> ir.Rule:
+    if source is None:
+        raise ValueError("dot draws planned rules only (this one was not lowered from a plan)")
+    return source
 
 
-def _values_end(tokens: Sequence[str], start: int) -> int:
-    end = start
-    while end < len(tokens) and tokens[end] != "!" and not tokens[end].startswith("-"):
-        end += 1
-    return end
+def _summary(m: ir.Match) -> str:
+    """One match in short, as iptables writes it without its option syntax."""
+    bang = "!= " if m.negated else ""
+    if m.kind == "proto":
+        return f"!{m.value}" if m.negated else m.value
+    if m.kind == "dst-set":
+        return f"set {m.value} dst"
+    if m.kind in ("sport", "dport"):
+        plural = "s" if len(m.values) > 1 else ""
+        return f"{m.kind}{plural} {bang}{','.join(m.values)}"
+    if m.kind == "ctstate":
+        return f"ct {','.join(m.values).upper()}"
+    return f"{_MATCH_WORDS.get(m.kind, m.kind)} {bang}{m.value}"
 
 
-def _condition(option: str, values: str, negated: bool, module: str) -> str:
-    if module == "connmark" and option == "--mark":
-        word = "connmark"
-    else:
-        word = _MATCH_WORDS.get(option, option.lstrip("-"))
-    if not word:
-        return f"!{values}" if negated else values
-    return f"{word} {'!= ' if negated else ''}{values}".rstrip()
-
-
-def _iptables_target(tokens: Sequence[str]) -> str:
-    """`REDIRECT --to-ports 15001` → `REDIRECT :15001`; others lose their `--` only."""
-    if not tokens:
-        return ""
-    name, args = tokens[0], tokens[1:]
-    values = dict(zip(args[::2], args[1::2], strict=False))
-    port = values.get("--to-ports") or values.get("--to-port") or values.get("--on-port")
-    if name == "REDIRECT" and port:
-        return f"REDIRECT :{port}"
-    if name == "TPROXY" and port:
-        return f"TPROXY :{port} mark {values.get('--tproxy-mark', '?')}"
-    return " ".join([name, *(arg.removeprefix("--") for arg in args)])
+def _iptables_target(target: ir.Target) -> str:
+    """`REDIRECT :15001`, `TPROXY :15006 mark 1337/0xffffffff`, `MARK set-mark 1338`, ..."""
+    simple = {"return": "RETURN", "accept": "ACCEPT", "drop": "DROP"}
+    simple |= {"save-mark": "CONNMARK save-mark", "restore-mark": "CONNMARK restore-mark"}
+    if target.kind in simple:
+        return simple[target.kind]
+    if target.kind == "redirect":
+        return f"REDIRECT :{target.port}"
+    if target.kind == "tproxy":
+        return f"TPROXY :{target.port} mark {target.mark}/0xffffffff"
+    if target.kind == "set-mark":
+        return f"MARK set-mark {target.mark}"
+    if target.kind == "zone":
+        return f"CT zone {target.zone}"
+    return target.chain
 
 
 # --- nftables model → drawing ---------------------------------------------------------------
@@ -269,37 +232,16 @@ def _base_caption(chain: NftChain) -> str:
 
 
 def _nft_row(rule: NftRule, user_chains: Collection[str]) -> _Row:
-    tokens = rule.text.split()
-    cut = next((i for i in range(len(tokens)) if _nft_statement_at(tokens, i)), len(tokens))
-    statement = [token for token in tokens[cut:] if token != "counter"]
-    jump = _nft_jump(statement, user_chains)
-    kind: Kind = "chain" if jump else _nft_kind(statement)
-    match = " ".join(tokens[:cut]) or "*"
-    return _Row(match, " ".join(statement), kind, rule.reason, rule.text, jump)
+    from meshnet.plan import nftables  # only for the nft plan
 
-
-def _nft_statement_at(tokens: Sequence[str], index: int) -> bool:
-    # `meta mark set 1337`, `ct mark set mark`, `ct zone set 1`: statements, not matches.
-    setter = index + 2 < len(tokens) and tokens[index + 2] == "set"
-    return tokens[index] in _NFT_STATEMENTS or setter
-
-
-def _nft_jump(statement: Sequence[str], user_chains: Collection[str]) -> str | None:
-    for index, token in enumerate(statement[:-1]):
-        if token in ("jump", "goto") and statement[index + 1] in user_chains:
-            return statement[index + 1]
-    return None
-
-
-def _nft_kind(statement: Sequence[str]) -> Kind:
-    words = set(statement)
-    if words & {"redirect", "tproxy", "dnat"}:
-        return "intercept"
-    if words & {"drop", "reject"}:
-        return "drop"
-    if words & {"return", "accept"}:
-        return "pass"
-    return "mark" if "set" in words else "other"
+    source = _source(rule.source)
+    matched, verdict = nftables.parts(source)
+    target = source.target
+    chain = nftables.chain_name(target.chain) if target.kind == "jump" else None
+    jump = chain if chain in user_chains else None
+    kind: Kind = "chain" if jump else _KINDS[target.kind]
+    statement = " ".join(word for word in verdict if word != "counter")
+    return _Row(" ".join(matched) or "*", statement, kind, rule.reason, rule.text, jump)
 
 
 # --- DOT text -------------------------------------------------------------------------------

@@ -20,10 +20,10 @@ import pytest
 
 from meshnet import options
 from meshnet.cli import istio_iptables
-from meshnet.model import Rule, Ruleset
+from meshnet.model import Ruleset
 from meshnet.options import Options
-from meshnet.plan import iptables, nftables
-from meshnet.plan.nftables import NftChain, NftRule, NftRuleset, NftTable
+from meshnet.plan import iptables, ir, nftables
+from meshnet.plan.nftables import NftRuleset
 from meshnet.render import dot
 from tests.support import IN_CI
 from tests.unit.test_goldens import CASES, STANDARD
@@ -220,27 +220,21 @@ def test_graphviz_renders_the_nft_plan(name: str) -> None:
 # --- hostile text -----------------------------------------------------------------------
 
 
-def _hostile_ruleset() -> Ruleset:
+def _hostile_rules() -> tuple[ir.Rule, ir.Rule]:
+    """Two planned rules whose every free text is hostile (chain, interface, port, reason)."""
     chain = 'ISTIO_"X<>{|}'
-    return Ruleset(
-        ipv4=(
-            Rule("nat", "OUTPUT", ("-o", 'e"th<0>{|}!&\\', "-j", chain), HOSTILE),
-            Rule("nat", chain, ("-i", HOSTILE, "-j", "REDIRECT", "--to-ports", HOSTILE), HOSTILE),
-        ),
-        ipv6=(),
-        ipv6_enabled=False,
+    return (
+        ir.Rule("nat", "OUTPUT", (ir.oif('e"th<0>{|}!&\\'),), ir.jump(chain), HOSTILE),
+        ir.Rule("nat", chain, (ir.iif(HOSTILE),), ir.redirect(HOSTILE), HOSTILE),
     )
+
+
+def _hostile_ruleset() -> Ruleset:
+    return iptables.lower(ir.Plan(_hostile_rules(), ipv6_enabled=False))
 
 
 def _hostile_nft() -> NftRuleset:
-    table = "istio-proxy-nat"
-    chain = 'istio-"x<>{|}'
-    rules = (
-        NftRule(table, "output", ("oifname", 'e"th<0>', "counter", "jump", chain), HOSTILE),
-        NftRule(table, chain, ("iifname", HOSTILE, "counter", "redirect to", ":1"), HOSTILE),
-    )
-    chains = (NftChain("output", "nat", "output", -100), NftChain(chain))
-    return NftRuleset((NftTable(table, "rebuild", chains, rules),), ipv6_enabled=False)
+    return nftables.lower(ir.Plan(_hostile_rules(), ipv6_enabled=True))
 
 
 def test_hostile_text_is_escaped_and_cannot_break_the_syntax() -> None:
@@ -256,11 +250,15 @@ def test_hostile_text_is_escaped_and_cannot_break_the_syntax() -> None:
 
 
 def test_graphviz_reads_hostile_text_back_verbatim() -> None:
-    for text in (dot.render(_hostile_ruleset()), dot.render_nft(_hostile_nft())):
+    drawings = (
+        (dot.render(_hostile_ruleset()), "out"),
+        (dot.render_nft(_hostile_nft()), "oifname"),
+    )
+    for text, out in drawings:
         drawn = _drawn_texts(json.loads(_run_dot(text, "json")))
         # Each label cell came out whole: nothing ended a string or a tag early.
         assert drawn.count(dot._printable(HOSTILE)) == 2
-        assert 'out e"th<0>{|}!&\\' in drawn or 'oifname e"th<0>' in drawn
+        assert f'{out} e"th<0>{{|}}!&\\' in drawn
         svg = ET.fromstring(_run_dot(text, "svg"))
         tooltips = [a.get(XLINK_TITLE, "") for a in svg.iter(f"{SVG}a")]
         assert len(tooltips) == 2 and all(dot._printable(HOSTILE) in t for t in tooltips)
