@@ -12,7 +12,7 @@ iptables-save respells rules (`-m tcp` added, marks in hex, options reordered).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
@@ -82,7 +82,9 @@ class FamilyPlan:
         for table, chains in state.parse_save(self.text).tables.items():
             for chain, rules in chains.items():
                 if not chain.startswith("ISTIO"):
-                    missing = _jump_targets(rules) - _jump_targets(current.rules(table, chain))
+                    missing = state.jump_targets(rules) - state.jump_targets(
+                        current.rules(table, chain)
+                    )
                     lines += [f"{table} {chain}: missing jump to {t}" for t in sorted(missing)]
         return lines
 
@@ -130,16 +132,6 @@ class FamilyPlan:
             return self.runner.save()
         except BackendError:
             return None
-
-
-def _jump_targets(rules: Sequence[str]) -> set[str]:
-    """The ISTIO_* chains that rule lines jump to (spelt the same in plans and in saves)."""
-    targets = set()
-    for line in rules:
-        tokens = line.split()
-        if "-j" in tokens[:-1] and tokens[tokens.index("-j") + 1].startswith("ISTIO_"):
-            targets.add(tokens[tokens.index("-j") + 1])
-    return targets
 
 
 @dataclass(frozen=True, slots=True)

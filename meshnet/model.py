@@ -36,14 +36,6 @@ class Rule:
     source: ir.Rule | None = field(default=None, compare=False, repr=False)
 
     @property
-    def target(self) -> str | None:
-        """The `-j` target, if the rule has one."""
-        for index, token in enumerate(self.spec[:-1]):
-            if token == "-j":
-                return self.spec[index + 1]
-        return None
-
-    @property
     def jump_chain(self) -> str | None:
         """The target when it is the last token: a user chain or a bare verdict (Istio's test)."""
         if len(self.spec) >= 2 and self.spec[-2] == "-j":

@@ -25,6 +25,7 @@ __all__ = [
     "check_commands",
     "combine",
     "diff_states",
+    "jump_targets",
     "normalize_rule",
     "parse_save",
     "plans_rules",
@@ -127,6 +128,16 @@ def _freeze(tables: Mapping[str, Mapping[str, Iterable[str]]]) -> State:
             }
         )
     )
+
+
+def jump_targets(lines: Iterable[str]) -> set[str]:
+    """The ISTIO_* chains that rule lines jump to (spelt the same in plans and in saves)."""
+    targets = set()
+    for line in lines:
+        tokens = line.split()
+        if "-j" in tokens[:-1] and tokens[tokens.index("-j") + 1].startswith("ISTIO_"):
+            targets.add(tokens[tokens.index("-j") + 1])
+    return targets
 
 
 def split_rule(line: str) -> list[str]:
