@@ -75,7 +75,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
-        from meshnet.cni.install import _Env
+        from meshnet.cni.install.settings import _Env
 
         env = _Env(environ)
         deadline_text = environ.get("MESHNET_CNI_AGENT_DEADLINE", "")

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshnet.cni import metrics
-from meshnet.cni.install import AGENT_SOCKET_NAME, Settings
+from meshnet.cni.install.settings import AGENT_SOCKET_NAME, Settings
 from meshnet.errors import OptionError
 from tests.cni.fakes import TOKEN, WatchApi, broken_pod
 from tests.cni.test_installer import (  # the daemon harness and its fixtures
