@@ -13,7 +13,7 @@
  * Once the agent has taken the call, a broken connection is a CNI error (code 999): the call
  * may be half done, and the runtime retries or cleans up with DEL.
  *
- * Wire format (integers big-endian u32), the same as meshnet/cni/agent.py:
+ * Wire format (integers big-endian u32), the same as meshnet/cni/wire.py:
  *   request: "MCA1", N, then N fields (length, bytes): the command, every "NAME=value" of the
  *            environment, and last stdin.
  *   reply:   "A" once the call is taken, then exit code, stdout length, stdout.

@@ -171,7 +171,7 @@ class _InstallCommand(click.Command):
     """`cni install --help` lists the installer's environment variables (its only options)."""
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        from meshnet.cni.install import ENV_OPTIONS
+        from meshnet.cni.install.settings import ENV_OPTIONS
 
         rows = [
             (o.name, o.help + (f" [default {o.default!r}]" if o.default else ""))
@@ -185,9 +185,9 @@ class _InstallCommand(click.Command):
 def cni_install() -> None:
     """Install meshnet-cni on this node and keep it installed (options are environment
     variables, as Istio's install-cni)."""
-    from meshnet.cni import install
+    from meshnet.cni.install.main import main
 
-    sys.exit(install.main([], os.environ))
+    sys.exit(main([], os.environ))
 
 
 @cni.command("agent")

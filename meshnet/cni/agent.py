@@ -5,13 +5,7 @@ connects to `<CNI_AGENT_RUN_DIR>/meshnet-cni.sock`, sends the call, and relays t
 process runs the plugin logic (`plugin.respond`) for it, with warm imports, one TLS context and
 kept-alive connections to the API server: a call costs the tool runs, not an interpreter start.
 
-Wire format (every integer a big-endian u32):
-  request  "MCA1", field count N, then N fields (length, bytes): the command, one
-           "NAME=value" per environment variable, and last the netconf from stdin.
-  reply    one byte "A" once the request is read and taken (before it: the forwarder may run
-           the standalone plugin instead), then exit code, stdout length, stdout bytes.
-The forwarder sends its whole environment, as a runtime gives it to a plugin: DRY_RUN_FILE_PATH
-and the env-only options come from there, as in Istio.
+Wire format: `meshnet.cni.wire`. Worker pool: `meshnet.cni.pool`.
 
 Concurrency: a thread per connection waits for its reply; a bounded pool of worker threads runs
 the calls, pods in parallel, the calls of one container id one after another. Threads are safe
@@ -28,8 +22,6 @@ then the process exits 0.
 
 from __future__ import annotations
 
-import collections
-import json
 import os
 import signal
 import socket
@@ -38,27 +30,20 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from meshnet import logs, netns
-from meshnet.cni import plugin
+from meshnet.cni.pool import Hook, Job, Pool, _error, _pod_of
+from meshnet.cni.wire import ACK, AgentError, Request, _reply_bytes, read_request
 from meshnet.errors import MeshnetError, OptionError
 
 SOCKET_NAME = "meshnet-cni.sock"
-MAGIC = b"MCA1"
-ACK = b"A"
-MAX_FIELDS = 4096
-MAX_REQUEST = 16 << 20  # bytes: a netconf with prevResult is a few KB
 READ_TIMEOUT = 10.0  # seconds for a forwarder to send its request (it sends it at once)
 MAX_CONNECTIONS = 1024  # beyond this a caller is turned away and falls back
 _SIGNALS = {signal.SIGTERM, signal.SIGINT}
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-
-
-class AgentError(MeshnetError):
-    """The agent cannot serve (socket directory, socket, another agent)."""
 
 
 DEFAULT_RUN_DIR = "/var/run/meshnet-cni"
@@ -75,7 +60,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
-        from meshnet.cni.install import _Env
+        from meshnet.cni.install.settings import _Env
 
         env = _Env(environ)
         deadline_text = environ.get("MESHNET_CNI_AGENT_DEADLINE", "")
@@ -98,228 +83,6 @@ class Settings:
     @property
     def socket_path(self) -> Path:
         return self.run_dir / SOCKET_NAME
-
-
-@dataclass(frozen=True, slots=True)
-class Finished:
-    """One served call, for hooks (metrics): what, how it ended, how long, what was waiting."""
-
-    command: str
-    pod: str  # namespace/name from CNI_ARGS, "" when not a Kubernetes pod
-    container: str
-    exit_code: int
-    seconds: float  # from taken off the socket to done, queueing included
-    queue_depth: int  # calls taken but not yet started when this one finished
-    timed_out: bool
-
-
-Hook = Callable[[Finished], None]
-
-
-# --------------------------------------------------------------------------- wire format
-
-
-def encode_request(command: str, environ: Mapping[str, str], stdin: bytes) -> bytes:
-    """The forwarder's request (used by tests and the benchmark; forwarder.c writes the same)."""
-    fields = [command.encode(), *(f"{k}={v}".encode() for k, v in environ.items()), stdin]
-    parts = [MAGIC, struct.pack(">I", len(fields))]
-    for item in fields:
-        parts += [struct.pack(">I", len(item)), item]
-    return b"".join(parts)
-
-
-def decode_reply(data: bytes) -> tuple[int, bytes]:
-    """(exit code, stdout) from a reply after its ACK byte."""
-    code, length = struct.unpack(">II", data[:8])
-    return code, data[8 : 8 + length]
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    command: str
-    env: dict[str, str]
-    stdin: str
-
-
-def read_request(conn: socket.socket) -> Request:
-    reader = _Reader(conn)
-    if reader.exactly(4) != MAGIC:
-        raise AgentError("not a meshnet-cni request (bad magic)")
-    count = reader.u32()
-    if not 2 <= count <= MAX_FIELDS:
-        raise AgentError(f"bad field count {count}")
-    fields = [reader.exactly(reader.u32()) for _ in range(count)]
-    env = {}
-    for item in fields[1:-1]:
-        name, sep, value = item.decode(errors="surrogateescape").partition("=")
-        if sep:
-            env[name] = value
-    return Request(fields[0].decode(errors="replace"), env, fields[-1].decode(errors="replace"))
-
-
-class _Reader:
-    def __init__(self, conn: socket.socket) -> None:
-        self._conn = conn
-        self._total = 0
-
-    def u32(self) -> int:
-        value: int = struct.unpack(">I", self.exactly(4))[0]
-        return value
-
-    def exactly(self, size: int) -> bytes:
-        self._total += size
-        if self._total > MAX_REQUEST:
-            raise AgentError(f"request larger than {MAX_REQUEST} bytes")
-        chunks, left = [], size
-        while left:
-            chunk = self._conn.recv(min(left, 1 << 16))
-            if not chunk:
-                raise AgentError("connection closed mid-request")
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
-
-
-def _reply_bytes(code: int, stdout: str) -> bytes:
-    data = stdout.encode()
-    return struct.pack(">II", code, len(data)) + data
-
-
-# --------------------------------------------------------------------------- the worker pool
-
-
-@dataclass(eq=False)
-class Job:
-    request: Request
-    taken: float = field(default_factory=time.monotonic)
-    done: threading.Event = field(default_factory=threading.Event)
-    output: str = ""
-    code: int = 0
-    abandoned: bool = False  # its deadline passed: the caller got an error already
-
-    @property
-    def container(self) -> str:
-        return self.request.env.get("CNI_CONTAINERID", "")
-
-    @property
-    def key(self) -> str:
-        """Calls with the same key run one after another; no container id: no ordering."""
-        return self.container or f"#{id(self)}"
-
-
-class Pool:
-    """Worker threads; a container id's calls are serialized, in the order they came."""
-
-    def __init__(self, workers: int, hooks: Sequence[Hook], home: int) -> None:
-        self._ready: collections.deque[Job | None] = collections.deque()
-        self._behind: dict[str, collections.deque[Job]] = {}  # key -> calls after the running one
-        self._cond = threading.Condition()
-        self._hooks = tuple(hooks)
-        self._home = home  # the agent's network namespace (inode)
-        self._threads: list[threading.Thread] = []
-        self._waiting = 0  # taken, not yet started
-        for _ in range(workers):
-            self._spawn()
-
-    def submit(self, job: Job) -> None:
-        with self._cond:
-            self._waiting += 1
-            behind = self._behind.get(job.key)
-            if behind is not None:  # this container has a call queued or running
-                behind.append(job)
-                return
-            self._behind[job.key] = collections.deque()
-            self._ready.append(job)
-            self._cond.notify()
-
-    def stop(self) -> None:
-        """Let the workers finish every taken call, then end them."""
-        with self._cond:
-            while self._behind:  # a call past its deadline may still be running or queued
-                self._cond.wait()
-            self._ready.extend([None] * len(self._threads))
-            self._cond.notify_all()
-        for thread in list(self._threads):
-            thread.join()
-
-    def _spawn(self) -> None:
-        thread = threading.Thread(target=self._work, name="cni-worker", daemon=True)
-        self._threads.append(thread)
-        thread.start()
-
-    def _next(self) -> Job | None:
-        with self._cond:
-            while not self._ready:
-                self._cond.wait()
-            job = self._ready.popleft()
-            if job is not None:
-                self._waiting -= 1
-            return job
-
-    def _work(self) -> None:
-        while (job := self._next()) is not None:
-            try:
-                job.output, job.code = plugin.respond(job.request.stdin, job.request.env)
-            except BaseException as err:  # respond() catches Exception; keep the worker anyway
-                job.output, job.code = _error(job.request, f"agent worker failed: {err!r}")
-            seconds = time.monotonic() - job.taken
-            job.done.set()
-            depth = self._finish(job)
-            _log_done(job, seconds, depth)
-            self._run_hooks(
-                Finished(
-                    job.request.command,
-                    _pod_of(job.request.env),
-                    job.container,
-                    job.code,
-                    seconds,
-                    depth,
-                    job.abandoned,
-                )
-            )
-            if netns.current_inode() != self._home:  # never serve a call from a pod's namespace
-                logs.get().error("worker left in another network namespace; replacing it")
-                with self._cond:
-                    self._threads.remove(threading.current_thread())
-                    self._spawn()
-                return
-
-    def _finish(self, job: Job) -> int:
-        with self._cond:
-            behind = self._behind[job.key]
-            if behind:
-                self._ready.append(behind.popleft())
-                self._cond.notify()
-            else:
-                del self._behind[job.key]
-                self._cond.notify_all()  # stop() waits for the last one
-            return self._waiting
-
-    def _run_hooks(self, finished: Finished) -> None:
-        for hook in self._hooks:
-            try:
-                hook(finished)
-            except Exception as err:  # a metrics hook must never break serving
-                logs.get().error("request hook failed", hook=repr(hook), error=repr(err))
-
-
-def _pod_of(env: Mapping[str, str]) -> str:
-    pairs = dict(item.partition("=")[::2] for item in env.get("CNI_ARGS", "").split(";") if item)
-    namespace, name = pairs.get("K8S_POD_NAMESPACE", ""), pairs.get("K8S_POD_NAME", "")
-    return f"{namespace}/{name}" if name else ""
-
-
-def _log_done(job: Job, seconds: float, depth: int) -> None:
-    logs.get().info(
-        "cni request done",
-        command=job.request.command,
-        pod=_pod_of(job.request.env),
-        container=job.container,
-        exit_code=job.code,
-        seconds=round(seconds, 4),
-        queue_depth=depth,
-        **({"after_deadline": True} if job.abandoned else {}),
-    )
 
 
 # --------------------------------------------------------------------------- the server
@@ -457,17 +220,6 @@ def _deadline_error(request: Request, deadline: float) -> tuple[str, int]:
     return _error(
         request, f"{request.command} did not finish within its deadline of {deadline:g} s"
     )
-
-
-def _error(request: Request, what: str) -> tuple[str, int]:
-    """A CNI error document in the call's config version, as the plugin prints one."""
-    try:
-        version = str(json.loads(request.stdin).get("cniVersion", "1.1.0"))
-    except (ValueError, AttributeError):
-        version = "1.1.0"
-    message = f"{plugin.PLUGIN_TYPE} agent: {what}"
-    document = {"cniVersion": version, "code": plugin.ERR_INTERNAL, "msg": message}
-    return json.dumps(document, indent=4) + "\n", 1
 
 
 def _warm_imports() -> None:

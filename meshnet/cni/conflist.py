@@ -3,7 +3,7 @@
 Everything here works on text and values (Istio's `createCNIConfigFile` and `insertCNIConfig`
 in `cni/pkg/install/cniconfig.go`, `checkValidCNIConfig` and `Cleanup` in `install.go`), plus
 read-only scans of the conf dir.
-Writing files is the installer's job (`meshnet.cni.install`).
+Writing files is the installer's job (`meshnet.cni.install.config`).
 
 Istio decodes JSON into Go maps and encodes with `json.MarshalIndent`; `loads` and `marshal`
 keep its layout (sorted keys, 2-space indent), so merged files match Istio's goldens byte for

@@ -21,7 +21,8 @@ import pytest
 
 from meshnet import logs, netns
 from meshnet.cni import agent as agent_mod
-from meshnet.cni import plugin
+from meshnet.cni import plugin, wire
+from meshnet.cni import pool as pool_mod
 from tests.cni.agents import Agent, forwarder_dir, run_forwarder
 from tests.cni.fakes import FakeApi, cni_env, mesh_pod, pod_namespace, write_kubeconfig
 from tests.netns.harness import require_root_netns
@@ -77,7 +78,7 @@ class OneShotServer:
         self.sock.bind(str(run_dir / agent_mod.SOCKET_NAME))
         self.sock.listen(1)
         self.behaviour = behaviour
-        self.request: agent_mod.Request | None = None
+        self.request: wire.Request | None = None
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -86,11 +87,11 @@ class OneShotServer:
         with conn:
             if self.behaviour == "close-unread":
                 return
-            self.request = agent_mod.read_request(conn)
+            self.request = wire.read_request(conn)
             if self.behaviour == "close-after-ack":
-                conn.sendall(agent_mod.ACK)
+                conn.sendall(wire.ACK)
             elif self.behaviour == "answer":
-                conn.sendall(agent_mod.ACK + struct_reply(3, "from the agent\n"))
+                conn.sendall(wire.ACK + struct_reply(3, "from the agent\n"))
 
     def close(self) -> None:
         self.thread.join(10)
@@ -298,10 +299,10 @@ def test_threads_tools_and_sockets_follow_the_thread_namespace() -> None:
 
 
 @pytest.fixture
-def served(run_dir: Path) -> Iterator[tuple[FakeApi, list[agent_mod.Finished], Path]]:
+def served(run_dir: Path) -> Iterator[tuple[FakeApi, list[pool_mod.Finished], Path]]:
     """An in-process agent (so hooks can be seen) and a kept-alive API."""
     require_root_netns()
-    finished: list[agent_mod.Finished] = []
+    finished: list[pool_mod.Finished] = []
     with FakeApi(keep_alive=True) as api:
         write_kubeconfig(run_dir, api.url)
         server = agent_mod.Agent(agent_mod.Settings(run_dir, workers=4), [finished.append])
@@ -313,7 +314,7 @@ def served(run_dir: Path) -> Iterator[tuple[FakeApi, list[agent_mod.Finished], P
 
 
 def test_pods_run_in_parallel_one_containers_calls_in_order_one_api_connection(
-    served: tuple[FakeApi, list[agent_mod.Finished], Path], forwarder: Path
+    served: tuple[FakeApi, list[pool_mod.Finished], Path], forwarder: Path
 ) -> None:
     api, finished, run_dir = served
     with pod_namespace() as first, pod_namespace() as second:
@@ -388,15 +389,15 @@ def test_bad_settings_are_one_line_naming_the_variable(run_dir: Path) -> None:
 def test_a_failing_hook_is_logged_and_the_others_still_run(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    seen: list[agent_mod.Finished] = []
+    seen: list[pool_mod.Finished] = []
 
-    def broken(finished: agent_mod.Finished) -> None:
+    def broken(finished: pool_mod.Finished) -> None:
         raise RuntimeError("metrics down")
 
     monkeypatch.setattr(logs._Settings, "logger", logs._Settings.logger)  # restored afterwards
     logs.configure("json")
-    pool = agent_mod.Pool(1, [broken, seen.append], netns.current_inode())
-    job = agent_mod.Job(agent_mod.Request("VERSION", {"CNI_COMMAND": "VERSION"}, ""))
+    pool = pool_mod.Pool(1, [broken, seen.append], netns.current_inode())
+    job = pool_mod.Job(wire.Request("VERSION", {"CNI_COMMAND": "VERSION"}, ""))
     pool.submit(job)
     assert job.done.wait(10)
     pool.stop()

@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 
 from meshnet.cni import conflist
-from meshnet.cni.install import ENV_OPTIONS, Settings, create_cni_config_file, remove_cni_config
+from meshnet.cni.install.config import create_cni_config_file, remove_cni_config
+from meshnet.cni.install.settings import ENV_OPTIONS, Settings
 from meshnet.errors import OptionError
 from tests.support import REPO, clean_env
 

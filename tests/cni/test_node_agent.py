@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshnet.cni import metrics
-from meshnet.cni.install import AGENT_SOCKET_NAME, Settings
+from meshnet.cni.install.settings import AGENT_SOCKET_NAME, Settings
 from meshnet.errors import OptionError
 from tests.cni.fakes import TOKEN, WatchApi, broken_pod
 from tests.cni.test_installer import (  # the daemon harness and its fixtures
@@ -225,18 +225,18 @@ def test_node_agent_options_are_read_with_istios_defaults() -> None:
 
 def _ask_agent(path: Path, command: str) -> tuple[int, bytes]:
     """One request on the agent's socket, the way the forwarder frames it."""
-    from meshnet.cni import agent
+    from meshnet.cni import wire
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(10)
         conn.connect(str(path))
-        conn.sendall(agent.encode_request(command, {"CNI_COMMAND": command}, b""))
+        conn.sendall(wire.encode_request(command, {"CNI_COMMAND": command}, b""))
         conn.shutdown(socket.SHUT_WR)
         data = b""
         while chunk := conn.recv(65536):
             data += chunk
     assert data[:1] == b"A", data
-    return agent.decode_reply(data[1:])
+    return wire.decode_reply(data[1:])
 
 
 def test_the_daemon_serves_the_node_agent_and_counts_its_requests(

@@ -7,7 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from meshnet.cni.install import STANDALONE_DIR, install_binary
+from meshnet.cni.install.files import STANDALONE_DIR, install_binary
 from tests.cni.agents import forwarder_dir
 
 

@@ -15,13 +15,9 @@ from typing import Any
 import pytest
 
 from meshnet.cni import conflist
-from meshnet.cni.install import (
-    InstallCancelled,
-    Settings,
-    Wait,
-    create_cni_config_file,
-    remove_cni_config,
-)
+from meshnet.cni.install.config import Wait, create_cni_config_file, remove_cni_config
+from meshnet.cni.install.errors import InstallCancelled
+from meshnet.cni.install.settings import Settings
 from tests.conftest import RAN
 from tests.support import CONFORMANCE, conformance_index
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from meshnet.cni.install import ENV_OPTIONS, Settings
+from meshnet.cni.install.settings import ENV_OPTIONS, Settings
 from tests.support import REPO
 
 from . import manifests

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from meshnet.cni.install import ENV_OPTIONS
+from meshnet.cni.install.settings import ENV_OPTIONS
 from meshnet.options import OUTPUT_FORMATS
 from tests.support import REPO, STANDARD_ARGS, meshnet
 
