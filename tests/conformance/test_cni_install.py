@@ -23,7 +23,7 @@ from meshnet.cni.install import (
     remove_cni_config,
 )
 from tests.conftest import RAN
-from tests.support import CONFORMANCE, conformance_index
+from tests.support.conformance import CONFORMANCE, conformance_index
 
 SUITE = CONFORMANCE / "cni-install"
 GIVE_UP_AFTER = 0.1  # Istio's test cancels its context after 100 ms

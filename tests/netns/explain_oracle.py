@@ -14,7 +14,7 @@ import pytest
 
 from meshnet import explain, nftplan, options, planner, probe
 from meshnet.cli import istio_iptables
-from tests.unit.test_options import FakeSystem
+from tests.support.fakes import FakeSystem
 
 from .harness import FAMILIES, Landing, Topology
 

@@ -10,7 +10,8 @@ import pytest
 
 from meshnet.cni.install import ENV_OPTIONS
 from meshnet.options import OUTPUT_FORMATS
-from tests.support import REPO, STANDARD_ARGS, meshnet
+from tests.support.cli import STANDARD_ARGS, meshnet
+from tests.support.repo import REPO
 
 NO_IPV6 = ("--enable-ipv6", "false")
 EXPLAIN_PROBE = ("--probe", "in tcp dst=192.0.2.1:8080")

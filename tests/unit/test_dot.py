@@ -25,9 +25,9 @@ from meshnet.nftplan import NftChain, NftRule, NftRuleset, NftTable, plan_nft
 from meshnet.options import Options
 from meshnet.planner import plan
 from meshnet.render import dot
-from tests.support import IN_CI
-from tests.unit.test_goldens import CASES, STANDARD
-from tests.unit.test_options import FakeSystem
+from tests.support.fakes import FakeSystem
+from tests.support.goldens import CASES, STANDARD
+from tests.support.repo import IN_CI
 
 # The goldens' cases (standard, dual stack, TPROXY, DNS capture, DNS servers), plus one that
 # reaches every target kind: DROP, MARK, CONNMARK, CT, TPROXY, REDIRECT :15053, RETURN, ACCEPT.

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from meshnet import explain, nftplan, options, planner, probe
 from meshnet import explain_syntax as syntax
 from meshnet.errors import OptionError
-from tests.support import meshnet
-from tests.unit.test_options import FakeSystem
+from tests.support.cli import meshnet
+from tests.support.fakes import FakeSystem
 from tests.unit.test_planner_properties import bools, env_values, flag_values
 
 STANDARD = {
