@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping, Sequence
 
+from meshnet import options
+from meshnet.cli import istio_iptables
 from meshnet.environment import IPAddress
+from meshnet.options import Options
 
 
 class FakeSystem:
@@ -28,3 +32,11 @@ class FakeSystem:
     def read_text(self, path: str) -> str:
         self.reads.append(path)
         return self.resolv
+
+
+def options_from_argv(
+    args: Sequence[str], env: Mapping[str, str] | None = None, system: FakeSystem | None = None
+) -> Options:
+    """Options from an istio-iptables argv, parsed by the real click command, on a FakeSystem."""
+    given = istio_iptables.make_context("istio-iptables", list(args)).params
+    return options.build(options.gather(given, env or {}), system or FakeSystem())
