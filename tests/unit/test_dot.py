@@ -17,14 +17,11 @@ from typing import Any
 
 import pytest
 
-from meshnet import options
-from meshnet.cli import istio_iptables
 from meshnet.model import Rule, Ruleset
 from meshnet.nftplan import NftChain, NftRule, NftRuleset, NftTable, plan_nft
-from meshnet.options import Options
 from meshnet.planner import plan
 from meshnet.render import dot
-from tests.support.fakes import FakeSystem
+from tests.support.fakes import options_from_argv
 from tests.support.goldens import CASES, STANDARD
 from tests.support.repo import IN_CI
 
@@ -45,12 +42,6 @@ NODE = re.compile(rf"^\s*({QUOTED})\s*\[", re.MULTILINE)
 SVG = "{http://www.w3.org/2000/svg}"
 XLINK_TITLE = "{http://www.w3.org/1999/xlink}title"
 HOSTILE = 'q " a <b> c { p | b ! & \\ nl \n nul \x00 esc \x1b sep \u2028 sur \udc80 end\\'
-
-
-def _options(args: list[str]) -> Options:
-    """Options from an istio-iptables argv, parsed by the real click command."""
-    given = istio_iptables.make_context("istio-iptables", list(args)).params
-    return options.build(options.gather(given, {}), FakeSystem())
 
 
 def _unquote(token: str) -> str:
@@ -112,7 +103,7 @@ def _drawn_texts(graph: dict[str, Any]) -> list[str]:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_chain_is_a_node(name: str) -> None:
-    ruleset = plan(_options(DOT_CASES[name]))
+    ruleset = plan(options_from_argv(DOT_CASES[name]))
     nodes = _nodes(dot.render(ruleset))
     for family in ruleset.families():
         declared = ruleset.user_chains(family)
@@ -123,7 +114,7 @@ def test_every_chain_is_a_node(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_jump_is_one_edge(name: str) -> None:
-    ruleset = plan(_options(DOT_CASES[name]))
+    ruleset = plan(options_from_argv(DOT_CASES[name]))
     expected: Counter[tuple[str, str]] = Counter()
     for family in ruleset.families():
         declared = ruleset.user_chains(family)
@@ -138,7 +129,7 @@ def test_every_jump_is_one_edge(name: str) -> None:
 
 
 def test_outbound_capture_path_reads_from_hook_to_redirect() -> None:
-    text = dot.render(plan(_options([*STANDARD, "--enable-ipv6", "false"])))
+    text = dot.render(plan(options_from_argv([*STANDARD, "--enable-ipv6", "false"])))
     edges = set(_edges(text))
     path = ["OUTPUT", "ISTIO_OUTPUT", "ISTIO_REDIRECT", "=> REDIRECT :15001"]
     for tail, head in itertools.pairwise(path):
@@ -147,7 +138,7 @@ def test_outbound_capture_path_reads_from_hook_to_redirect() -> None:
 
 
 def test_match_and_target_are_summarised() -> None:
-    text = dot.render(plan(_options(EVERYTHING)))
+    text = dot.render(plan(options_from_argv(EVERYTHING)))
     assert "out lo, dst != 127.0.0.1/32, tcp, dports != 53,15008, uid 1337" in text
     assert "TPROXY :15006 mark 1337/0xffffffff" in text
     assert "CONNMARK save-mark" in text and "CT zone 2" in text
@@ -169,20 +160,20 @@ def test_match_and_target_are_summarised() -> None:
     ],
 )
 def test_target_kinds_are_coloured_distinctly(target: str, kind: dot.Kind) -> None:
-    text = dot.render(plan(_options(EVERYTHING)))
+    text = dot.render(plan(options_from_argv(EVERYTHING)))
     cell = f'BGCOLOR="{dot._KIND_COLORS[kind]}"><FONT FACE="monospace">{target}</FONT>'
     assert cell in text
     assert len(set(dot._KIND_COLORS.values())) == len(dot._KIND_COLORS)
 
 
 def test_output_is_deterministic() -> None:
-    first = dot.render(plan(_options(EVERYTHING)))
-    assert dot.render(plan(_options(EVERYTHING))) == first
+    first = dot.render(plan(options_from_argv(EVERYTHING)))
+    assert dot.render(plan(options_from_argv(EVERYTHING))) == first
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_graphviz_renders_the_plan(name: str) -> None:
-    text = dot.render(plan(_options(DOT_CASES[name])))
+    text = dot.render(plan(options_from_argv(DOT_CASES[name])))
     assert _drawn_graph(_run_dot(text, "svg")) == (_nodes(text), _edges(text).total())
 
 
@@ -191,7 +182,7 @@ def test_graphviz_renders_the_plan(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_nft_every_chain_is_a_node_and_every_jump_an_edge(name: str) -> None:
-    ruleset = plan_nft(_options(DOT_CASES[name]))
+    ruleset = plan_nft(options_from_argv(DOT_CASES[name]))
     text = dot.render_nft(ruleset)
     chains = ruleset.chains()
     nodes = _nodes(text)
@@ -209,7 +200,7 @@ def test_nft_every_chain_is_a_node_and_every_jump_an_edge(name: str) -> None:
 
 
 def test_nft_capture_path_and_base_chain_spec() -> None:
-    text = dot.render_nft(plan_nft(_options([*STANDARD, "--enable-ipv6", "false"])))
+    text = dot.render_nft(plan_nft(options_from_argv([*STANDARD, "--enable-ipv6", "false"])))
     edges = set(_edges(text))
     path = ["output", "istio-output", "istio-redirect", "=> redirect to :15001"]
     for tail, head in itertools.pairwise(path):
@@ -219,7 +210,7 @@ def test_nft_capture_path_and_base_chain_spec() -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_graphviz_renders_the_nft_plan(name: str) -> None:
-    text = dot.render_nft(plan_nft(_options(DOT_CASES[name])))
+    text = dot.render_nft(plan_nft(options_from_argv(DOT_CASES[name])))
     assert _drawn_graph(_run_dot(text, "svg")) == (_nodes(text), _edges(text).total())
 
 
