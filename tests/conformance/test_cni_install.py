@@ -19,7 +19,7 @@ from meshnet.cni.install.config import Wait, create_cni_config_file, remove_cni_
 from meshnet.cni.install.errors import InstallCancelled
 from meshnet.cni.install.settings import Settings
 from tests.conftest import RAN
-from tests.support import CONFORMANCE, conformance_index
+from tests.support.conformance import CONFORMANCE, conformance_index
 
 SUITE = CONFORMANCE / "cni-install"
 GIVE_UP_AFTER = 0.1  # Istio's test cancels its context after 100 ms

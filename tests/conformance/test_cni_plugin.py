@@ -14,7 +14,7 @@ from tests.cni.agents import Agent, forwarder_dir, through_agent
 from tests.cni.fakes import FakeApi, get_rules, pod_namespace, run_plugin, write_kubeconfig
 from tests.conftest import RAN
 from tests.netns.harness import require_root_netns
-from tests.support import CONFORMANCE, conformance_cases
+from tests.support.conformance import CONFORMANCE, conformance_cases
 
 SUITE = CONFORMANCE / "cni-plugin"
 

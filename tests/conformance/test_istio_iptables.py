@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import RAN
-from tests.support import CONFORMANCE, conformance_cases, meshnet
+from tests.support.cli import meshnet
+from tests.support.conformance import CONFORMANCE, conformance_cases
 
 SUITE = CONFORMANCE / "istio-iptables"
 

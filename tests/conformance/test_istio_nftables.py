@@ -22,8 +22,9 @@ from meshnet.cli import istio_iptables
 from meshnet.plan import nftables
 from meshnet.render import nft
 from tests.conftest import RAN
-from tests.support import CONFORMANCE, conformance_cases, meshnet
-from tests.unit.test_options import FakeSystem
+from tests.support.cli import meshnet
+from tests.support.conformance import CONFORMANCE, conformance_cases
+from tests.support.fakes import FakeSystem
 
 SUITE = CONFORMANCE / "istio-nftables"
 BASE_CHAIN = re.compile(r"^add chain inet (\S+) (\S+) \{ type ", re.MULTILINE)

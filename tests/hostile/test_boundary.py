@@ -32,9 +32,9 @@ from meshnet.render import nft, restore
 from meshnet.state import simulate_restore
 from tests.cni.fakes import mesh_pod
 from tests.hostile.corpus import CASES, Case, annotation_cases, cli_args, env_args
-from tests.support import restore_blocks
+from tests.support.cli import restore_blocks
+from tests.support.fakes import FakeSystem
 from tests.unit.test_nftplan import simulate
-from tests.unit.test_options import FakeSystem
 
 
 class ReadingSystem(FakeSystem):

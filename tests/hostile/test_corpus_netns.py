@@ -29,7 +29,7 @@ from tests.hostile.corpus import (
     env_args,
 )
 from tests.netns.harness import require_root_netns
-from tests.support import meshnet
+from tests.support.cli import meshnet
 
 pytestmark = pytest.mark.netns
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.netns.harness import Topology, require_root_netns
-from tests.support import REPO
+from tests.support.repo import REPO
 
 from . import podman
 

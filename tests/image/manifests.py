@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from tests.support import REPO
+from tests.support.repo import REPO
 
 DEPLOY = REPO / "deploy"
 INIT_MANIFEST = DEPLOY / "init-container.yaml"

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from tests.support import IN_CI
+from tests.support.repo import IN_CI
 
 # podman's default RLIMIT_NOFILE (1048576) is above this machine's hard limit, and runc then
 # fails to start the container ("error setting rlimit type 7"): ask for limits we may have.

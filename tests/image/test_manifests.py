@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from meshnet.cni.install.settings import ENV_OPTIONS, Settings
-from tests.support import REPO
+from tests.support.repo import REPO
 
 from . import manifests
 from .manifests import CNI_MANIFEST, INIT_MANIFEST, STANDARD_ARGS, load, one

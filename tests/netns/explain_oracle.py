@@ -15,7 +15,7 @@ import pytest
 from meshnet import explain, options, probe
 from meshnet.cli import istio_iptables
 from meshnet.plan import iptables, nftables
-from tests.unit.test_options import FakeSystem
+from tests.support.fakes import FakeSystem
 
 from .harness import FAMILIES, Landing, Topology
 

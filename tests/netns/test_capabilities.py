@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.support import STANDARD_ARGS
+from tests.support.cli import STANDARD_ARGS
 
 from .harness import Topology
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.support import meshnet
+from tests.support.cli import meshnet
 
 from .harness import V4, Topology
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from tests.support import meshnet
+from tests.support.cli import meshnet
 
 from .harness import require_root_netns
 

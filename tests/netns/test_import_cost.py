@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.support import STANDARD_ARGS, clean_env
+from tests.support.cli import STANDARD_ARGS, clean_env
 
 from .harness import Topology
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.support import meshnet
+from tests.support.cli import meshnet
 
 from . import explain_oracle
 from .explain_oracle import explain_agrees_with_the_kernel  # noqa: F401 (autouse fixture)

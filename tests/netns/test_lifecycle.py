@@ -2,14 +2,13 @@
 auto-detection, faults (all or nothing), validation mode and verify.
 
 Every test works in the pod namespace of a fresh `Topology`; meshnet is the real CLI in a
-subprocess (`tests.support.meshnet`), pointed at the pod with `--network-namespace`. "As
+subprocess (`tests.support.cli.meshnet`), pointed at the pod with `--network-namespace`. "As
 found" means the namespace's whole state: iptables-save of both backends and both families
 (comment lines dropped, counters zeroed), policy rules, routes of every table, lo's addresses.
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
@@ -23,7 +22,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO, clean_env, meshnet
+from tests.support.cli import clean_env, meshnet
+from tests.support.netstate import (
+    BACKENDS,
+    NFT_COUNTERS,
+    ROUTING,
+    SAVERS,
+    assert_same_state,
+    normalize_save,
+)
+from tests.support.repo import REPO
 
 from .harness import (
     FAMILIES,
@@ -44,20 +52,7 @@ STANDARD_DUAL = (*STANDARD, "--dual-stack")
 TPROXY_DUAL = (*STANDARD, "-m", "TPROXY", "--dual-stack")  # the later -m wins
 MODES = {"redirect-v4": STANDARD, "redirect-dual": STANDARD_DUAL, "tproxy-dual": TPROXY_DUAL}
 
-BACKENDS = ("nft", "legacy")
 backend_param = pytest.mark.parametrize("backend", BACKENDS)
-SAVERS = tuple(
-    f"{tool}-{backend}-save" for backend in BACKENDS for tool in ("iptables", "ip6tables")
-)
-ROUTING = {
-    "rules4": ("-4", "rule", "show"),
-    "rules6": ("-6", "rule", "show"),
-    "routes4": ("-4", "route", "show", "table", "all"),
-    "routes6": ("-6", "route", "show", "table", "all"),
-    "lo": ("addr", "show", "dev", "lo"),
-}
-COUNTERS = re.compile(r"\[\d+:\d+\]")
-NFT_COUNTERS = re.compile(r"packets \d+ bytes \d+")
 USER_CHAIN = re.compile(r"^:\S+ - ")
 
 # Rules of another owner in every table meshnet may touch, each with a chain of its own and
@@ -125,13 +120,6 @@ LOCK_HOLD = 2.0
 # --------------------------------------------------------------------------- helpers
 
 
-def normalize_save(text: str) -> str:
-    """iptables-save output without `#` lines (timestamps, warnings) and with zero counters."""
-    return "".join(
-        COUNTERS.sub("[0:0]", line) + "\n" for line in text.splitlines() if not line.startswith("#")
-    )
-
-
 def rule_content(save: str) -> list[str]:
     """Rules and user chains only: what is left when empty built-in tables are ignored."""
     return [line for line in save.splitlines() if line.startswith("-A ") or USER_CHAIN.match(line)]
@@ -193,23 +181,6 @@ def run_meshnet(
     if backend:
         args += ["--force-iptables-binary", backend]
     return meshnet(args, env=env)
-
-
-def assert_same_state(after: dict[str, str], before: dict[str, str]) -> None:
-    """Equal namespace states; otherwise a unified diff of each differing part."""
-    diffs = [
-        "".join(
-            difflib.unified_diff(
-                before[key].splitlines(keepends=True),
-                after.get(key, "").splitlines(keepends=True),
-                f"{key} before",
-                f"{key} after",
-            )
-        )
-        for key in before
-        if after.get(key) != before[key]
-    ]
-    assert not diffs, "namespace state changed:\n" + "\n".join(diffs)
 
 
 def assert_ok(result: subprocess.CompletedProcess[str]) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import STANDARD_ARGS, meshnet
+from tests.support.cli import STANDARD_ARGS, meshnet
 
 from . import explain_oracle
 from .explain_oracle import explain_agrees_with_the_kernel  # noqa: F401 (autouse fixture)

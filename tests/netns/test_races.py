@@ -25,10 +25,10 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.support import clean_env
+from tests.support.cli import clean_env
+from tests.support.netstate import NFT_COUNTERS, ROUTING, SAVERS, assert_same_state, normalize_save
 
 from .harness import NS_PREFIX, require_root_netns
-from .test_lifecycle import NFT_COUNTERS, ROUTING, SAVERS, assert_same_state, normalize_save
 
 BASE = (
     *("-p", "15001", "-z", "15006", "-u", "1337"),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import meshnet, restore_blocks
-from tests.unit.test_goldens import CASES
+from tests.support.cli import meshnet, restore_blocks
+from tests.support.goldens import CASES
 
 from .harness import Topology
 

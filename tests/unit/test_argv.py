@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from meshnet import argv
 from meshnet.cli import istio_iptables, verify
 from meshnet.flags import EXTENSIONS, ISTIO_FLAGS, LOG_FLAGS
-from tests.support import STANDARD_ARGS, meshnet
+from tests.support.cli import STANDARD_ARGS, meshnet
 
 FLAGS = ISTIO_FLAGS + EXTENSIONS + LOG_FLAGS
 NAMES = sorted({name for f in FLAGS for name in (f.long, f.short) if name} | {"--output"})

@@ -10,7 +10,8 @@ import pytest
 
 from meshnet.cni.install.settings import ENV_OPTIONS
 from meshnet.options import OUTPUT_FORMATS
-from tests.support import REPO, STANDARD_ARGS, meshnet
+from tests.support.cli import STANDARD_ARGS, meshnet
+from tests.support.repo import REPO
 
 NO_IPV6 = ("--enable-ipv6", "false")
 EXPLAIN_PROBE = ("--probe", "in tcp dst=192.0.2.1:8080")
@@ -29,8 +30,9 @@ def test_bare_meshnet_prints_help_and_exits_0() -> None:
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Usage: meshnet")
-    for command in ("istio-iptables", "clean", "verify", "validate", "explain", "cni"):
-        assert command in result.stdout
+    listed = result.stdout.split("\nCommands:\n", 1)[1].splitlines()
+    commands = ["clean", "cni", "demo", "explain", "istio-iptables", "validate", "verify"]
+    assert [line.split()[0] for line in listed] == commands
 
 
 def test_bash_completion_as_the_readme_says() -> None:
@@ -50,7 +52,7 @@ def test_completion_offers_the_commands() -> None:
     result = meshnet([], env=env)
 
     assert result.returncode == 0, result.stderr
-    assert "clean" in result.stdout
+    assert result.stdout == "plain,clean\n"
 
 
 def test_cni_install_help_lists_its_environment_variables() -> None:

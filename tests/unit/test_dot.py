@@ -6,7 +6,6 @@ tests skip locally and fail when CI=true, so CI cannot silently stop checking th
 
 from __future__ import annotations
 
-import html
 import itertools
 import json
 import re
@@ -18,16 +17,13 @@ from typing import Any
 
 import pytest
 
-from meshnet import options
-from meshnet.cli import istio_iptables
 from meshnet.model import Ruleset
-from meshnet.options import Options
 from meshnet.plan import iptables, ir, nftables
 from meshnet.plan.nftables import NftRuleset
 from meshnet.render import dot
-from tests.support import IN_CI
-from tests.unit.test_goldens import CASES, STANDARD
-from tests.unit.test_options import FakeSystem
+from tests.support.fakes import options_from_argv
+from tests.support.goldens import CASES, STANDARD
+from tests.support.repo import IN_CI
 
 # The goldens' cases (standard, dual stack, TPROXY, DNS capture, DNS servers), plus one that
 # reaches every target kind: DROP, MARK, CONNMARK, CT, TPROXY, REDIRECT :15053, RETURN, ACCEPT.
@@ -46,12 +42,6 @@ NODE = re.compile(rf"^\s*({QUOTED})\s*\[", re.MULTILINE)
 SVG = "{http://www.w3.org/2000/svg}"
 XLINK_TITLE = "{http://www.w3.org/1999/xlink}title"
 HOSTILE = 'q " a <b> c { p | b ! & \\ nl \n nul \x00 esc \x1b sep \u2028 sur \udc80 end\\'
-
-
-def _options(args: list[str]) -> Options:
-    """Options from an istio-iptables argv, parsed by the real click command."""
-    given = istio_iptables.make_context("istio-iptables", list(args)).params
-    return options.build(options.gather(given, {}), FakeSystem())
 
 
 def _unquote(token: str) -> str:
@@ -91,6 +81,13 @@ def _run_dot(text: str, fmt: str) -> str:
     return done.stdout.decode()
 
 
+def _drawn_graph(svg: str) -> tuple[set[str], int]:
+    """The nodes Graphviz drew (their ids, from each node's SVG <title>) and how many edges."""
+    groups = [g for g in ET.fromstring(svg).iter(f"{SVG}g") if g.get("class") in ("node", "edge")]
+    nodes = {g.findtext(f"{SVG}title", "") for g in groups if g.get("class") == "node"}
+    return nodes, sum(g.get("class") == "edge" for g in groups)
+
+
 def _drawn_texts(graph: dict[str, Any]) -> list[str]:
     """Every text Graphviz drew for a node (its label's `T` operations), from `dot -Tjson`."""
     return [
@@ -106,7 +103,7 @@ def _drawn_texts(graph: dict[str, Any]) -> list[str]:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_chain_is_a_node(name: str) -> None:
-    ruleset = iptables.ruleset(_options(DOT_CASES[name]))
+    ruleset = iptables.ruleset(options_from_argv(DOT_CASES[name]))
     nodes = _nodes(dot.render(ruleset))
     for family in ruleset.families():
         declared = ruleset.user_chains(family)
@@ -117,7 +114,7 @@ def test_every_chain_is_a_node(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_jump_is_one_edge(name: str) -> None:
-    ruleset = iptables.ruleset(_options(DOT_CASES[name]))
+    ruleset = iptables.ruleset(options_from_argv(DOT_CASES[name]))
     expected: Counter[tuple[str, str]] = Counter()
     for family in ruleset.families():
         declared = ruleset.user_chains(family)
@@ -132,7 +129,7 @@ def test_every_jump_is_one_edge(name: str) -> None:
 
 
 def test_outbound_capture_path_reads_from_hook_to_redirect() -> None:
-    text = dot.render(iptables.ruleset(_options([*STANDARD, "--enable-ipv6", "false"])))
+    text = dot.render(iptables.ruleset(options_from_argv([*STANDARD, "--enable-ipv6", "false"])))
     edges = set(_edges(text))
     path = ["OUTPUT", "ISTIO_OUTPUT", "ISTIO_REDIRECT", "=> REDIRECT :15001"]
     for tail, head in itertools.pairwise(path):
@@ -141,7 +138,7 @@ def test_outbound_capture_path_reads_from_hook_to_redirect() -> None:
 
 
 def test_match_and_target_are_summarised() -> None:
-    text = dot.render(iptables.ruleset(_options(EVERYTHING)))
+    text = dot.render(iptables.ruleset(options_from_argv(EVERYTHING)))
     assert "out lo, dst != 127.0.0.1/32, tcp, dports != 53,15008, uid 1337" in text
     assert "TPROXY :15006 mark 1337/0xffffffff" in text
     assert "CONNMARK save-mark" in text and "CT zone 2" in text
@@ -163,21 +160,21 @@ def test_match_and_target_are_summarised() -> None:
     ],
 )
 def test_target_kinds_are_coloured_distinctly(target: str, kind: dot.Kind) -> None:
-    text = dot.render(iptables.ruleset(_options(EVERYTHING)))
+    text = dot.render(iptables.ruleset(options_from_argv(EVERYTHING)))
     cell = f'BGCOLOR="{dot._KIND_COLORS[kind]}"><FONT FACE="monospace">{target}</FONT>'
     assert cell in text
     assert len(set(dot._KIND_COLORS.values())) == len(dot._KIND_COLORS)
 
 
 def test_output_is_deterministic() -> None:
-    first = dot.render(iptables.ruleset(_options(EVERYTHING)))
-    assert dot.render(iptables.ruleset(_options(EVERYTHING))) == first
+    first = dot.render(iptables.ruleset(options_from_argv(EVERYTHING)))
+    assert dot.render(iptables.ruleset(options_from_argv(EVERYTHING))) == first
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_graphviz_renders_the_plan(name: str) -> None:
-    svg = _run_dot(dot.render(iptables.ruleset(_options(DOT_CASES[name]))), "svg")
-    assert "ISTIO_OUTPUT" in svg
+    text = dot.render(iptables.ruleset(options_from_argv(DOT_CASES[name])))
+    assert _drawn_graph(_run_dot(text, "svg")) == (_nodes(text), _edges(text).total())
 
 
 # --- nftables ---------------------------------------------------------------------------
@@ -185,7 +182,7 @@ def test_graphviz_renders_the_plan(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_nft_every_chain_is_a_node_and_every_jump_an_edge(name: str) -> None:
-    ruleset = nftables.ruleset(_options(DOT_CASES[name]))
+    ruleset = nftables.ruleset(options_from_argv(DOT_CASES[name]))
     text = dot.render_nft(ruleset)
     chains = ruleset.chains()
     nodes = _nodes(text)
@@ -203,7 +200,9 @@ def test_nft_every_chain_is_a_node_and_every_jump_an_edge(name: str) -> None:
 
 
 def test_nft_capture_path_and_base_chain_spec() -> None:
-    text = dot.render_nft(nftables.ruleset(_options([*STANDARD, "--enable-ipv6", "false"])))
+    text = dot.render_nft(
+        nftables.ruleset(options_from_argv([*STANDARD, "--enable-ipv6", "false"]))
+    )
     edges = set(_edges(text))
     path = ["output", "istio-output", "istio-redirect", "=> redirect to :15001"]
     for tail, head in itertools.pairwise(path):
@@ -213,8 +212,8 @@ def test_nft_capture_path_and_base_chain_spec() -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_graphviz_renders_the_nft_plan(name: str) -> None:
-    svg = _run_dot(dot.render_nft(nftables.ruleset(_options(DOT_CASES[name]))), "svg")
-    assert "istio-output" in html.unescape(svg)
+    text = dot.render_nft(nftables.ruleset(options_from_argv(DOT_CASES[name])))
+    assert _drawn_graph(_run_dot(text, "svg")) == (_nodes(text), _edges(text).total())
 
 
 # --- hostile text -----------------------------------------------------------------------

@@ -13,8 +13,8 @@ from meshnet import explain, options, probe
 from meshnet.errors import OptionError
 from meshnet.explain import conditions
 from meshnet.plan import iptables, ir, nftables
-from tests.support import meshnet
-from tests.unit.test_options import FakeSystem
+from tests.support.cli import meshnet
+from tests.support.fakes import FakeSystem
 from tests.unit.test_planner_properties import bools, env_values, flag_values
 
 STANDARD = {

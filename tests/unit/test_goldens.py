@@ -9,43 +9,8 @@ import os
 
 import pytest
 
-from tests.support import REPO, STANDARD_ARGS, meshnet
-
-GOLDENS = REPO / "tests" / "goldens"
-STANDARD = [*STANDARD_ARGS]
-CASES = {
-    "standard": [*STANDARD, "--enable-ipv6", "false"],
-    "standard-dual-stack": [*STANDARD, "--dual-stack", "--enable-ipv6", "true"],
-    "tproxy": [
-        "-p",
-        "15001",
-        "-z",
-        "15006",
-        "-u",
-        "1337",
-        "-m",
-        "TPROXY",
-        "-i",
-        "*",
-        "-x",
-        "",
-        "-b",
-        "*",
-        "-d",
-        "15090,15021,15020",
-        "--enable-ipv6",
-        "true",
-    ],
-    "dns-capture": [*STANDARD, "--redirect-dns", "--capture-all-dns", "--enable-ipv6", "false"],
-    "dns-servers": [
-        *STANDARD,
-        "--redirect-dns",
-        "--dns-servers",
-        "192.0.2.53,2001:db8::53",
-        "--enable-ipv6",
-        "true",
-    ],
-}
+from tests.support.cli import meshnet
+from tests.support.goldens import CASES, GOLDENS
 
 
 @pytest.mark.parametrize("fmt", ["restore", "json", "nft", "dot"])

@@ -21,9 +21,9 @@ from meshnet.options import Options
 from meshnet.plan import nftables
 from meshnet.plan.nftables import IPV4_ONLY, MANGLE, NAT, RAW, NftRule, NftRuleset
 from meshnet.render import nft
-from tests.support import IN_CI, REPO
-from tests.unit.test_goldens import CASES
-from tests.unit.test_options import FakeSystem
+from tests.support.fakes import FakeSystem
+from tests.support.goldens import CASES
+from tests.support.repo import IN_CI, REPO
 from tests.unit.test_planner_properties import env_values, flag_values
 
 GOLDENS = REPO / "tests" / "goldens"

@@ -2,36 +2,15 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 
 import pytest
 
 from meshnet import options
-from meshnet.environment import IPAddress
 from meshnet.errors import EnvironmentFactError, OptionError
 from meshnet.options import Options
-from tests.support import meshnet
-
-
-class FakeSystem:
-    def __init__(self, addresses: tuple[str, ...] = ("192.0.2.1",), resolv: str = "") -> None:
-        self.addresses = [ipaddress.ip_address(a) for a in addresses]
-        self.resolv = resolv
-        self.reads: list[str] = []
-
-    def user_id(self, name: str) -> int | None:
-        return {"istio-proxy": 1337, "envoy": 101, "root": 0}.get(name)
-
-    def group_exists(self, name: str) -> bool:
-        return name in ("istio-proxy", "root")
-
-    def interface_addresses(self) -> list[IPAddress]:
-        return list(self.addresses)
-
-    def read_text(self, path: str) -> str:
-        self.reads.append(path)
-        return self.resolv
+from tests.support.cli import meshnet
+from tests.support.fakes import FakeSystem
 
 
 def build(

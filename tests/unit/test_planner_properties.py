@@ -11,8 +11,8 @@ from meshnet.model import Family, Ruleset
 from meshnet.plan import iptables
 from meshnet.render import restore, transcript
 from meshnet.state import simulate_restore
-from tests.support import restore_blocks
-from tests.unit.test_options import FakeSystem
+from tests.support.cli import restore_blocks
+from tests.support.fakes import FakeSystem
 
 ports = st.integers(1, 65535).map(str)
 port_lists = st.lists(ports, max_size=4).map(",".join)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import CONFORMANCE, REPO
+from tests.support.conformance import CONFORMANCE
+from tests.support.repo import REPO
 
 GENERATED = re.compile(
     r"(^|/)(\.venv|venv|__pycache__|build|dist|\.mypy_cache|\.ruff_cache|\.pytest_cache|"

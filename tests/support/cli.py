@@ -1,20 +1,14 @@
-"""Helpers shared by the test suites: run the real CLI with a clean environment."""
+"""Run the real CLI the way a user or a container runs it, with a clean environment."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
-
-import pytest
 
 from meshnet.flags import ENV_NAMES
 
-REPO = Path(__file__).resolve().parent.parent
 # The arguments Istio's injector gives istio-init by default.
 STANDARD_ARGS = (
     "-p",
@@ -34,7 +28,6 @@ STANDARD_ARGS = (
     "-d",
     "15090,15021,15020",
 )
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -58,19 +51,6 @@ def meshnet(
         timeout=timeout,
         check=False,
     )
-
-
-CONFORMANCE = REPO / "tests" / "conformance" / "data"
-
-
-def conformance_index(suite: str) -> Any:
-    """A suite's `cases.json` (part of the repository: a missing one is an error)."""
-    return json.loads((CONFORMANCE / suite / "cases.json").read_text())
-
-
-def conformance_cases(suite: str) -> list[Any]:
-    """pytest params for every case of a conformance suite."""
-    return [pytest.param(case, id=case["name"]) for case in conformance_index(suite)]
 
 
 def restore_blocks(text: str) -> dict[str, str]:
