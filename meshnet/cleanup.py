@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from meshnet.model import BUILTIN_CHAINS, Rule
+from meshnet.model import PREDEFINED, Rule
 
 
 def cleanup_commands(rules: Sequence[Rule]) -> list[tuple[str, ...]]:
@@ -26,7 +26,7 @@ def cleanup_commands(rules: Sequence[Rule]) -> list[tuple[str, ...]]:
     seen: set[tuple[str, str]] = set()
     for rule in reversed_rules:
         key = (rule.chain, rule.table)
-        if key in seen or rule.chain in BUILTIN_CHAINS:
+        if key in seen or rule.chain in PREDEFINED:
             continue
         seen.add(key)
         commands.append(("-t", rule.table, "-F", rule.chain))

@@ -7,7 +7,7 @@ final per-chain order after `-I` inserts is derived from it by `chains()`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -16,10 +16,11 @@ if TYPE_CHECKING:
 
 Family = Literal["ipv4", "ipv6"]
 FAMILIES: tuple[Family, ...] = ("ipv4", "ipv6")
-TABLES: tuple[str, ...] = ("filter", "mangle", "nat", "raw")
-BUILTIN_CHAINS = frozenset(
-    {"INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING", "ACCEPT", "RETURN", "DROP"}
-)
+TABLES: tuple[str, ...] = ("filter", "mangle", "nat", "raw")  # sorted: the restore text's order
+HOOKS: tuple[str, ...] = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")  # packet order
+# Names a rule may use without `-N`: the built-in chains and the verdicts (Istio's buildRestore
+# declares every other chain a rule is in or jumps to).
+PREDEFINED = frozenset({*HOOKS, "ACCEPT", "RETURN", "DROP"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +105,27 @@ class Ruleset:
 
     def user_chains(self, family: Family) -> dict[str, list[str]]:
         """Per table, the non-builtin chains the plan creates, in restore (`-N`) order."""
-        from meshnet.render.restore import declared_chains
-
         return declared_chains(self.rules(family))
+
+
+def declared_chains(rules: Sequence[Rule]) -> dict[str, list[str]]:
+    """Per table, the `-N` chains in Istio's order: rule chains first, then jump targets."""
+    seen: set[tuple[str, str]] = set()
+    chains: dict[str, list[str]] = {}
+    for rule in rules:  # first pass: chains that hold rules
+        _declare(rule.chain, rule.table, seen, chains)
+    for rule in rules:  # second pass: bare jump targets not seen yet
+        target = rule.jump_chain
+        if target is not None:
+            _declare(target, rule.table, seen, chains)
+    return chains
+
+
+def _declare(
+    chain: str, table: str, seen: set[tuple[str, str]], chains: dict[str, list[str]]
+) -> None:
+    if (chain, table) in seen:
+        return
+    seen.add((chain, table))
+    if chain not in PREDEFINED:
+        chains.setdefault(table, []).append(chain)

@@ -17,8 +17,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from meshnet.model import HOOKS, TABLES
+
 __all__ = [
-    "BUILTIN_CHAINS",
     "STATE_TABLES",
     "Rule",
     "State",
@@ -38,11 +39,9 @@ __all__ = [
 Rule = tuple[str, ...]
 """A rule as ``(CHAIN, *tokens)``, e.g. ``("ISTIO_OUTPUT", "-o", "lo", "-j", "RETURN")``."""
 
-BUILTIN_CHAINS = frozenset({"INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING"})
 STATE_TABLES = ("filter", "nat", "mangle", "raw")
 """The tables GetStateFromSave knows; others (e.g. `security`) are ignored."""
 
-_DIFF_TABLE_ORDER = ("filter", "mangle", "nat", "raw")  # the restore text's (sorted) order
 _ISTIO = "ISTIO"  # chain registration prefix in GetStateFromSave
 _ISTIO_CHAIN = "ISTIO_"  # prefix for the rule-count and unexpected-chain checks
 _APPEND = ("-A", "--append")
@@ -229,7 +228,7 @@ def simulate_restore(text: str) -> dict[str, dict[str, list[Rule]]]:
 def _simulate_line(chains: dict[str, list[Rule]], line: str) -> None:
     if line.startswith(":"):
         name = line[1:].split()[0]
-        if name in BUILTIN_CHAINS:
+        if name in HOOKS:
             chains.setdefault(name, [])  # a policy line, as in iptables-save output
         else:
             _declare(chains, name)
@@ -247,14 +246,14 @@ def _simulate_line(chains: dict[str, list[Rule]], line: str) -> None:
 
 
 def _declare(chains: dict[str, list[Rule]], name: str) -> None:
-    if name in BUILTIN_CHAINS or name in chains:
+    if name in HOOKS or name in chains:
         raise ValueError(f"chain {name} already exists")
     chains[name] = []
 
 
 def _rule_list(chains: dict[str, list[Rule]], name: str) -> list[Rule]:
     if name not in chains:
-        if name not in BUILTIN_CHAINS:
+        if name not in HOOKS:
             raise ValueError(f"chain {name} does not exist")
         chains[name] = []
     return chains[name]
@@ -370,7 +369,7 @@ def diff_states(expected: State, current: State) -> list[str]:
 
 def _tables_in_order(*states: State) -> list[str]:
     names = {table for state in states for table in state.tables}
-    known = [table for table in _DIFF_TABLE_ORDER if table in names]
+    known = [table for table in TABLES if table in names]
     return known + sorted(names - set(known))
 
 

@@ -22,7 +22,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from meshnet.model import Family, Rule, Ruleset
+from meshnet.model import HOOKS, Family, Rule, Ruleset
 from meshnet.plan import iptables, ir
 
 if TYPE_CHECKING:  # types only: the iptables dry run should not import the nft lowering
@@ -30,8 +30,7 @@ if TYPE_CHECKING:  # types only: the iptables dry run should not import the nft 
 
 Kind = Literal["chain", "intercept", "pass", "drop", "mark", "other"]
 
-_HOOKS: tuple[str, ...] = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
-_TABLE_ORDER: tuple[str, ...] = ("raw", "mangle", "nat", "filter")  # netfilter priority order
+_PACKET_ORDER: tuple[str, ...] = ("raw", "mangle", "nat", "filter")  # netfilter priority order
 
 _HOOK_COLOR = "#f6d365"
 _CHAIN_COLOR = "#cfe2f3"
@@ -138,19 +137,19 @@ def _iptables_family(ruleset: Ruleset, family: Family) -> _Family:
 
 
 def _table_rank(table: str) -> tuple[int, str]:
-    rank = _TABLE_ORDER.index(table) if table in _TABLE_ORDER else len(_TABLE_ORDER)
+    rank = _PACKET_ORDER.index(table) if table in _PACKET_ORDER else len(_PACKET_ORDER)
     return rank, table
 
 
 def _iptables_table(table: str, chains: dict[str, list[Rule]], declared: list[str]) -> _Table:
-    hooks = sorted((c for c in chains if c in _HOOKS), key=_HOOKS.index)
+    hooks = sorted((c for c in chains if c in HOOKS), key=HOOKS.index)
     # Declared chains include bare jump targets without rules; anything else is kept too.
-    rest = [c for c in chains if c not in _HOOKS and c not in declared]
+    rest = [c for c in chains if c not in HOOKS and c not in declared]
     user = frozenset([*declared, *rest])
     nodes = []
     for name in [*hooks, *declared, *rest]:
         rows = tuple(_iptables_row(rule, user) for rule in chains.get(name, []))
-        if name in _HOOKS:
+        if name in HOOKS:
             nodes.append(_Chain(name, f"{table} {name}", "hook", rows))
         else:
             nodes.append(_Chain(name, name, None, rows))

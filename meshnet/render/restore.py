@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 
 from meshnet.errors import UnsafeTextError
-from meshnet.model import BUILTIN_CHAINS, TABLES, Rule, Ruleset
+from meshnet.model import TABLES, Rule, Ruleset, declared_chains
 
 _UNSAFE = re.compile(r"[\s\"'\\\x00-\x1f\x7f-\x9f]")
 
@@ -31,29 +31,6 @@ def rule_line(rule: Rule) -> str:
     if rule.table not in TABLES:
         raise UnsafeTextError(f"refusing to write rules for table {rule.table!r}")
     return " ".join(token(part) for part in rule.params())
-
-
-def declared_chains(rules: Sequence[Rule]) -> dict[str, list[str]]:
-    """Per table, the `-N` chains in Istio's order: rule chains first, then jump targets."""
-    seen: set[tuple[str, str]] = set()
-    chains: dict[str, list[str]] = {}
-    for rule in rules:  # first pass: chains that hold rules
-        _declare(rule.chain, rule.table, seen, chains)
-    for rule in rules:  # second pass: bare jump targets not seen yet
-        target = rule.jump_chain
-        if target is not None:
-            _declare(target, rule.table, seen, chains)
-    return chains
-
-
-def _declare(
-    chain: str, table: str, seen: set[tuple[str, str]], chains: dict[str, list[str]]
-) -> None:
-    if (chain, table) in seen:
-        return
-    seen.add((chain, table))
-    if chain not in BUILTIN_CHAINS:
-        chains.setdefault(table, []).append(chain)
 
 
 def restore_lines(rules: Sequence[Rule]) -> list[str]:

@@ -11,7 +11,7 @@ from itertools import pairwise
 import pytest
 
 from meshnet.cleanup import cleanup_commands
-from meshnet.model import BUILTIN_CHAINS, Rule
+from meshnet.model import PREDEFINED, Rule
 from meshnet.plan import iptables
 from meshnet.render import restore, transcript
 from meshnet.state import simulate_restore
@@ -146,7 +146,7 @@ def _run_cleanup(tables: Tables, commands: list[tuple[str, ...]]) -> None:
         elif op == "-F":
             chains[chain].clear()
         elif op == "-X":
-            assert chain not in BUILTIN_CHAINS, command
+            assert chain not in PREDEFINED, command
             assert not chains[chain], f"{command}: chain not empty"
             assert not _references(tables, table, chain), f"{command}: still jumped to"
             del chains[chain]
@@ -166,6 +166,6 @@ def test_cleanup_undoes_the_restore_text_exactly(name: str) -> None:
             (table, chain): rules
             for table, chains in tables.items()
             for chain, rules in chains.items()
-            if rules or chain not in BUILTIN_CHAINS
+            if rules or chain not in PREDEFINED
         }
         assert left == {}, family
