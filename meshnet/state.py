@@ -17,26 +17,26 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from meshnet.model import HOOKS, TABLES
+from meshnet.model import TABLES
 
 __all__ = [
     "STATE_TABLES",
-    "Rule",
+    "RuleKey",
     "State",
     "check_commands",
     "combine",
     "diff_states",
+    "from_tables",
     "jump_targets",
     "normalize_rule",
     "parse_save",
     "plans_rules",
-    "simulate_restore",
+    "rule_line",
     "split_rule",
-    "state_from_restore",
     "verify_state",
 ]
 
-Rule = tuple[str, ...]
+RuleKey = tuple[str, ...]
 """A rule as ``(CHAIN, *tokens)``, e.g. ``("ISTIO_OUTPUT", "-o", "lo", "-j", "RETURN")``."""
 
 STATE_TABLES = ("filter", "nat", "mangle", "raw")
@@ -102,7 +102,7 @@ def parse_save(text: str) -> State:
                 chains.setdefault(name, [])
             continue
         _record_line(chains, line)
-    return _freeze(tables)
+    return from_tables(tables)
 
 
 def _record_line(chains: dict[str, list[str]], line: str) -> None:
@@ -118,7 +118,7 @@ def _record_line(chains: dict[str, list[str]], line: str) -> None:
             return
 
 
-def _freeze(tables: Mapping[str, Mapping[str, Iterable[str]]]) -> State:
+def from_tables(tables: Mapping[str, Mapping[str, Iterable[str]]]) -> State:
     return State(
         MappingProxyType(
             {
@@ -173,7 +173,7 @@ def split_rule(line: str) -> list[str]:
     return tokens
 
 
-def normalize_rule(line: str) -> Rule:
+def normalize_rule(line: str) -> RuleKey:
     """``-A C rest`` / ``-I C [N] rest`` → ``(C, *rest)``; a leading ``-t TABLE`` is dropped."""
     tokens = split_rule(line)
     for index, token in enumerate(tokens[:-1]):
@@ -197,93 +197,6 @@ def _drop_table_option(tokens: list[str]) -> list[str]:
         else:
             kept.append(token)
     return kept
-
-
-def simulate_restore(text: str) -> dict[str, dict[str, list[Rule]]]:
-    """Apply one family's restore text (`-N`, `-A`, `-I C n`, `:C` lines) to an empty state.
-
-    Raises ValueError, naming the line, for a chain declared twice, a rule in an undeclared
-    non-builtin chain, an out-of-range insert, a line outside a table, or another command.
-    """
-    tables: dict[str, dict[str, list[Rule]]] = {}
-    chains: dict[str, list[Rule]] | None = None
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line == "COMMIT":
-            chains = None
-        elif line.startswith("*"):
-            chains = tables.setdefault(line[1:].strip(), {})
-        elif chains is None:
-            raise ValueError(f"line {number}: outside a table: {line}")
-        else:
-            try:
-                _simulate_line(chains, line)
-            except ValueError as err:
-                raise ValueError(f"line {number}: {err}: {line}") from None
-    return tables
-
-
-def _simulate_line(chains: dict[str, list[Rule]], line: str) -> None:
-    if line.startswith(":"):
-        name = line[1:].split()[0]
-        if name in HOOKS:
-            chains.setdefault(name, [])  # a policy line, as in iptables-save output
-        else:
-            _declare(chains, name)
-        return
-    tokens = split_rule(line)
-    command = tokens[0]
-    if command in _NEW and len(tokens) == 2:
-        _declare(chains, tokens[1])
-    elif command in _APPEND and len(tokens) >= 2:
-        _rule_list(chains, tokens[1]).append((tokens[1], *tokens[2:]))
-    elif command in _INSERT and len(tokens) >= 2:
-        _insert(chains, tokens)
-    else:
-        raise ValueError(f"unsupported command {command}")
-
-
-def _declare(chains: dict[str, list[Rule]], name: str) -> None:
-    if name in HOOKS or name in chains:
-        raise ValueError(f"chain {name} already exists")
-    chains[name] = []
-
-
-def _rule_list(chains: dict[str, list[Rule]], name: str) -> list[Rule]:
-    if name not in chains:
-        if name not in HOOKS:
-            raise ValueError(f"chain {name} does not exist")
-        chains[name] = []
-    return chains[name]
-
-
-def _insert(chains: dict[str, list[Rule]], tokens: list[str]) -> None:
-    chain, rest = tokens[1], tokens[2:]
-    position = 1
-    if rest and rest[0].isdigit():
-        position, rest = int(rest[0]), rest[1:]
-    rules = _rule_list(chains, chain)
-    if not 1 <= position <= len(rules) + 1:
-        raise ValueError(f"index of insertion {position} out of range for {chain}")
-    rules.insert(position - 1, (chain, *rest))
-
-
-def state_from_restore(text: str) -> State:
-    """The State that applying `text` to an empty namespace yields (`-I` positions resolved).
-
-    Rules keep the restore text's spelling, so compare this with other unapplied text, not
-    with iptables-save output.
-    """
-    tables: dict[str, dict[str, list[str]]] = {name: {} for name in STATE_TABLES}
-    for table, chains in simulate_restore(text).items():
-        if table not in tables:
-            continue
-        for chain, rules in chains.items():
-            if rules or chain.startswith(_ISTIO):
-                tables[table][chain] = [_rule_line(rule) for rule in rules]
-    return _freeze(tables)
 
 
 def check_commands(restore_text: str) -> list[tuple[str, ...]]:
@@ -383,7 +296,7 @@ def _diff_table(
         have = [normalize_rule(line) for line in current.get(chain, ())]
         if chain not in current and chain.startswith(_ISTIO):
             yield f"{table}: missing chain {chain}"
-            yield from (f"{table} {chain}: missing rule: {_rule_line(r)}" for r in want)
+            yield from (f"{table} {chain}: missing rule: {rule_line(r)}" for r in want)
         elif chain.startswith(_ISTIO):
             yield from _diff_owned_chain(table, chain, want, have)
         else:
@@ -393,24 +306,28 @@ def _diff_table(
             yield f"{table}: unexpected chain {chain}"
 
 
-def _diff_owned_chain(table: str, chain: str, want: list[Rule], have: list[Rule]) -> Iterator[str]:
+def _diff_owned_chain(
+    table: str, chain: str, want: list[RuleKey], have: list[RuleKey]
+) -> Iterator[str]:
     """An ISTIO chain: exactly the expected rules, in order."""
     missing = Counter(want) - Counter(have)
     extra = Counter(have) - Counter(want)
-    yield from (f"{table} {chain}: missing rule: {_rule_line(r)}" for r in missing.elements())
-    yield from (f"{table} {chain}: unexpected rule: {_rule_line(r)}" for r in extra.elements())
+    yield from (f"{table} {chain}: missing rule: {rule_line(r)}" for r in missing.elements())
+    yield from (f"{table} {chain}: unexpected rule: {rule_line(r)}" for r in extra.elements())
     common_want = _without(want, missing)
     common_have = _without(have, extra)
     yield from _order_message(table, chain, common_want, common_have)
 
 
-def _diff_shared_chain(table: str, chain: str, want: list[Rule], have: list[Rule]) -> Iterator[str]:
+def _diff_shared_chain(
+    table: str, chain: str, want: list[RuleKey], have: list[RuleKey]
+) -> Iterator[str]:
     """A built-in (shared) chain: foreign rules are fine; ours must be present and in order."""
     missing = Counter(want) - Counter(have)
-    yield from (f"{table} {chain}: missing rule: {_rule_line(r)}" for r in missing.elements())
+    yield from (f"{table} {chain}: missing rule: {rule_line(r)}" for r in missing.elements())
     present = _without(want, missing)
     ours = Counter(present)
-    in_current: list[Rule] = []
+    in_current: list[RuleKey] = []
     for rule in have:
         if ours[rule] > 0:
             ours[rule] -= 1
@@ -418,9 +335,9 @@ def _diff_shared_chain(table: str, chain: str, want: list[Rule], have: list[Rule
     yield from _order_message(table, chain, present, in_current)
 
 
-def _without(rules: list[Rule], drop: Counter[Rule]) -> list[Rule]:
+def _without(rules: list[RuleKey], drop: Counter[RuleKey]) -> list[RuleKey]:
     remaining = Counter(drop)
-    kept: list[Rule] = []
+    kept: list[RuleKey] = []
     for rule in rules:
         if remaining[rule] > 0:
             remaining[rule] -= 1
@@ -429,17 +346,19 @@ def _without(rules: list[Rule], drop: Counter[Rule]) -> list[Rule]:
     return kept
 
 
-def _order_message(table: str, chain: str, want: list[Rule], have: list[Rule]) -> Iterator[str]:
+def _order_message(
+    table: str, chain: str, want: list[RuleKey], have: list[RuleKey]
+) -> Iterator[str]:
     for position, (wanted, found) in enumerate(zip(want, have, strict=True), start=1):
         if wanted != found:
             yield (
                 f"{table} {chain}: rules out of order at planned rule #{position}: "
-                f"expected {_rule_line(wanted)}, found {_rule_line(found)}"
+                f"expected {rule_line(wanted)}, found {rule_line(found)}"
             )
             return
 
 
-def _rule_line(rule: Rule) -> str:
+def rule_line(rule: RuleKey) -> str:
     """``-A CHAIN ...``, quoting tokens that need it as iptables-save does."""
     return " ".join(("-A", *(_quote(token) for token in rule)))
 

@@ -29,11 +29,11 @@ from meshnet.model import Rule
 from meshnet.plan import iptables, nftables
 from meshnet.plan.nftables import NftChain, NftRule, NftRuleset, NftTable
 from meshnet.render import nft, restore
-from meshnet.state import simulate_restore
 from tests.cni.fakes import mesh_pod
 from tests.hostile.corpus import CASES, Case, annotation_cases, cli_args, env_args
 from tests.support.cli import restore_blocks
 from tests.support.fakes import FakeSystem
+from tests.support.restore_sim import simulate_restore
 from tests.unit.test_nftplan import simulate
 
 

@@ -14,10 +14,10 @@ from meshnet.cleanup import cleanup_commands
 from meshnet.model import PREDEFINED, Rule
 from meshnet.plan import iptables
 from meshnet.render import restore, transcript
-from meshnet.state import simulate_restore
 from tests.support.cli import STANDARD_ARGS, restore_blocks
 from tests.support.fakes import options_from_argv
 from tests.support.goldens import CASES
+from tests.support.restore_sim import simulate_restore
 
 Tables = dict[str, dict[str, list[tuple[str, ...]]]]
 

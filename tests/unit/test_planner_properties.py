@@ -10,9 +10,9 @@ from meshnet import options
 from meshnet.model import Family, Ruleset
 from meshnet.plan import iptables
 from meshnet.render import restore, transcript
-from meshnet.state import simulate_restore
 from tests.support.cli import restore_blocks
 from tests.support.fakes import FakeSystem
+from tests.support.restore_sim import simulate_restore
 
 ports = st.integers(1, 65535).map(str)
 port_lists = st.lists(ports, max_size=4).map(",".join)

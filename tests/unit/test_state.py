@@ -17,11 +17,10 @@ from meshnet.state import (
     normalize_rule,
     parse_save,
     plans_rules,
-    simulate_restore,
     split_rule,
-    state_from_restore,
     verify_state,
 )
+from tests.support.restore_sim import simulate_restore, state_from_restore
 
 # What iptables-nft-save prints after the restore below was applied (plus a foreign security
 # table and a non-Istio user chain).
