@@ -1,4 +1,5 @@
-"""The one error hierarchy. The CLI maps each class to an exit code and one line on stderr."""
+"""The one error hierarchy. The CLI maps each class to an exit code and one line on stderr;
+the CNI plugin reports CniError's code in its error JSON."""
 
 from __future__ import annotations
 
@@ -49,3 +50,48 @@ class ValidationFailed(MeshnetError):
 class UnsafeTextError(MeshnetError):
     """A value would change the meaning of the rule text it is rendered into (a newline, a
     quote, nft syntax): refused before any text reaches iptables-restore or nft."""
+
+
+# --- the CNI plugin, installer, node agent and Kubernetes client -------------------------
+
+
+class LockTimeout(MeshnetError):
+    """Another meshnet run kept the namespace's lock for the whole wait."""
+
+
+class CniError(MeshnetError):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class InstallError(MeshnetError):
+    """The plugin could not be installed or removed (files, dirs, permissions)."""
+
+
+class InstallCancelled(Exception):
+    """A wait was given up (signal or deadline). Not an error: the daemon cleans up and exits 0."""
+
+
+class KubeError(MeshnetError):
+    """The pod could not be fetched."""
+
+
+class ApiError(MeshnetError):
+    """A pod call failed: `status` is the HTTP status, 0 when the server was not reached."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Gone(ApiError):
+    """410: the resourceVersion is too old to watch from; list again."""
+
+
+class KubeconfigError(MeshnetError):
+    """The kubeconfig cannot be built: API server address, token or CA missing."""
+
+
+class AgentError(MeshnetError):
+    """The agent cannot serve (socket directory, socket, another agent) or read a request."""

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 from meshnet import netns
-from meshnet.errors import MeshnetError
+from meshnet.errors import LockTimeout, MeshnetError
 
 __all__ = ["LOCK_NAME", "TIMEOUT", "LockTimeout", "held", "held_from_outside", "holder"]
 
@@ -35,10 +35,6 @@ long before)."""
 
 _RETRY = 0.01
 _held = threading.local()  # per thread: netns inode -> nesting depth
-
-
-class LockTimeout(MeshnetError):
-    """Another meshnet run kept the namespace's lock for the whole wait."""
 
 
 @contextmanager

@@ -36,8 +36,8 @@ from pathlib import Path
 
 from meshnet import logs, netns
 from meshnet.cni.pool import Hook, Job, Pool, _error, _pod_of
-from meshnet.cni.wire import ACK, AgentError, Request, _reply_bytes, read_request
-from meshnet.errors import MeshnetError, OptionError
+from meshnet.cni.wire import ACK, Request, _reply_bytes, read_request
+from meshnet.errors import AgentError, MeshnetError, OptionError
 
 SOCKET_NAME = "meshnet-cni.sock"
 READ_TIMEOUT = 10.0  # seconds for a forwarder to send its request (it sends it at once)

@@ -15,13 +15,12 @@ from meshnet.cni.plugin import (
     KUBECONFIG_NAME,
     SELF_POD_PREFIX,
     Call,
-    CniError,
     k8s_args,
     require_env,
 )
 from meshnet.cni.pod import PodDecision, decide, origin_of
 from meshnet.environment import HostSystem
-from meshnet.errors import MeshnetError
+from meshnet.errors import CniError, MeshnetError
 from meshnet.flags import ENV_ONLY
 from meshnet.model import Ruleset
 from meshnet.options import Options, Raw

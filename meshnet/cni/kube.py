@@ -20,11 +20,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
-from meshnet.errors import MeshnetError
-
-
-class KubeError(MeshnetError):
-    """The pod could not be fetched."""
+from meshnet.errors import KubeError
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,22 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshnet.cni import kube
-from meshnet.errors import MeshnetError
+from meshnet.errors import ApiError, Gone, MeshnetError
 
 REQUEST_TIMEOUT = 10.0
 WATCH_SLACK = 30.0  # the server ends a watch after timeoutSeconds; this long past it, we do
-
-
-class ApiError(MeshnetError):
-    """A pod call failed: `status` is the HTTP status, 0 when the server was not reached."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class Gone(ApiError):
-    """410: the resourceVersion is too old to watch from; list again."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,11 +11,7 @@ import base64
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshnet.errors import MeshnetError
-
-
-class KubeconfigError(MeshnetError):
-    """The kubeconfig cannot be built: API server address, token or CA missing."""
+from meshnet.errors import KubeconfigError
 
 
 @dataclass(frozen=True, slots=True)

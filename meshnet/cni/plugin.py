@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshnet import logs
-from meshnet.errors import MeshnetError
+from meshnet.errors import CniError, MeshnetError
 
 SUPPORTED_VERSIONS = ("0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 PLUGIN_TYPE = "meshnet-cni"
@@ -37,12 +37,6 @@ ERR_DECODE = 6
 ERR_INVALID_CONFIG = 7
 ERR_INTERNAL = 999
 USAGE = f"CNI plugin {PLUGIN_TYPE}: supported versions {', '.join(SUPPORTED_VERSIONS)}\n"
-
-
-class CniError(MeshnetError):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshnet import logs, netns
+from meshnet import errors, logs, netns
 from meshnet.cni import kubeapi, metrics
 from meshnet.environment import netlink_addresses
 from meshnet.errors import MeshnetError
@@ -206,11 +206,11 @@ class Controller:
                     break
                 else:
                     delay = min(delay * 2, BACKOFF_MAX)
-            except kubeapi.Gone as err:
+            except errors.Gone as err:
                 metrics.watch_error("gone")
                 self._log.info("resourceVersion expired; listing again", error=str(err))
                 version = None
-            except kubeapi.ApiError as err:
+            except errors.ApiError as err:
                 metrics.watch_error("unreachable" if err.status == 0 else "api")
                 self._log.warning("pod watch failed; retrying", error=str(err), retry_in=delay)
                 if self._stop.wait(delay):

@@ -16,16 +16,12 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from meshnet.errors import MeshnetError
+from meshnet.errors import AgentError
 
 MAGIC = b"MCA1"
 ACK = b"A"
 MAX_FIELDS = 4096
 MAX_REQUEST = 16 << 20  # bytes: a netconf with prevResult is a few KB
-
-
-class AgentError(MeshnetError):
-    """The agent cannot serve (socket directory, socket, another agent) or read a request."""
 
 
 def encode_request(command: str, environ: Mapping[str, str], stdin: bytes) -> bytes:

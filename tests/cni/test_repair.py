@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from meshnet import errors
 from meshnet.cni import kube, kubeapi, metrics, repair
 from meshnet.cni.repair import Controller, RepairSettings, is_broken
 from tests.cni.fakes import TOKEN, WatchApi, broken_pod, in_netns, mesh_pod
@@ -337,5 +338,5 @@ def test_the_watch_speaks_tls_with_the_kubeconfig_ca(api: WatchApi, tmp_path: Pa
     trusted = kube.Kubeconfig(f"https://127.0.0.1:{port}", TOKEN, cert.read_bytes(), False)
     assert len(kubeapi.PodApi(lambda: trusted).list_pods(kubeapi.Selectors()).items) == 1
     stranger = kube.Kubeconfig(f"https://127.0.0.1:{port}", TOKEN, None, False)
-    with pytest.raises(kubeapi.ApiError, match="CERTIFICATE_VERIFY_FAILED"):
+    with pytest.raises(errors.ApiError, match="CERTIFICATE_VERIFY_FAILED"):
         kubeapi.PodApi(lambda: stranger).list_pods(kubeapi.Selectors())

@@ -16,8 +16,8 @@ import pytest
 
 from meshnet.cni import conflist
 from meshnet.cni.install.config import Wait, create_cni_config_file, remove_cni_config
-from meshnet.cni.install.errors import InstallCancelled
 from meshnet.cni.install.settings import Settings
+from meshnet.errors import InstallCancelled
 from tests.conftest import RAN
 from tests.support.conformance import CONFORMANCE, conformance_index
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from meshnet import netns, nslock
+from meshnet import errors, netns, nslock
 from tests.netns.harness import require_root_netns
 
 pytestmark = pytest.mark.netns
@@ -52,7 +52,7 @@ def test_a_second_writer_times_out_with_the_holders_pid(ns: str) -> None:
         with nslock.held():  # the same thread nests
             pass
         err = _try_lock(ns, timeout=0.3)
-    assert isinstance(err, nslock.LockTimeout), err
+    assert isinstance(err, errors.LockTimeout), err
     assert f"pid {os.getpid()} (" in str(err), err
     assert _try_lock(ns, timeout=0.3) is None  # released at the end of the block
 
@@ -66,13 +66,13 @@ def _lock_here(timeout: float) -> BaseException | None:
     try:
         with nslock.held(timeout):
             return None
-    except nslock.LockTimeout as err:
+    except errors.LockTimeout as err:
         return err
 
 
 def test_held_from_outside_locks_the_target_not_the_callers_namespace(ns: str) -> None:
     with nslock.held_from_outside(ns):
-        assert isinstance(_try_lock(ns, timeout=0.3), nslock.LockTimeout)
+        assert isinstance(_try_lock(ns, timeout=0.3), errors.LockTimeout)
         assert _lock_here(0.3) is None  # this thread's own namespace stays free
     assert _try_lock(ns, timeout=0.3) is None
 
@@ -89,7 +89,7 @@ def test_a_killed_holder_releases_the_lock(ns: str) -> None:
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
         err = _try_lock(ns, timeout=0.3)
-        assert isinstance(err, nslock.LockTimeout) and f"pid {holder.pid} (" in str(err), err
+        assert isinstance(err, errors.LockTimeout) and f"pid {holder.pid} (" in str(err), err
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()

@@ -32,5 +32,4 @@ Modules:
 - `installer`: the `Installer` loop (install, watch, reinstall, readiness, cleanup).
 - `http`: the `/readyz` and `/metrics` HTTP server.
 - `main`: the process: signals, the servers, repair and agent threads, `main()`.
-- `errors`: `InstallError`, `InstallCancelled`.
 """

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from meshnet import logs
 from meshnet.cni import conflist
-from meshnet.cni.install.errors import InstallCancelled, InstallError
 from meshnet.cni.install.files import atomic_write
 from meshnet.cni.install.settings import Settings
+from meshnet.errors import InstallCancelled, InstallError
 
 # A wait step: sleep up to the given seconds; False means "give up" (stop requested, deadline).
 Wait = Callable[[float], bool]

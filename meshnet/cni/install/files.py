@@ -12,8 +12,8 @@ from pathlib import Path
 
 from meshnet import logs
 from meshnet.cni import kubeconfig
-from meshnet.cni.install.errors import InstallError
 from meshnet.cni.install.settings import Settings
+from meshnet.errors import InstallError
 
 
 def atomic_write(path: Path, data: bytes, mode: int) -> None:

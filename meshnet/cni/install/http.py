@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from meshnet.cni import metrics
-from meshnet.cni.install.errors import InstallError
+from meshnet.errors import InstallError
 
 # A route answers (status, body, content type).
 Route = Callable[[], tuple[int, bytes, str]]

@@ -20,10 +20,9 @@ from meshnet.cni.install.config import (
     preempted_by,
     remove_cni_config,
 )
-from meshnet.cni.install.errors import InstallCancelled, InstallError
 from meshnet.cni.install.files import install_binary, write_kubeconfig
 from meshnet.cni.install.settings import AGENT_SOCKET_NAME, Settings
-from meshnet.errors import MeshnetError
+from meshnet.errors import InstallCancelled, InstallError, MeshnetError
 
 THROTTLE_RATE = 0.2  # Istio: installs per second before the loop counts as "rapid" (burst 1)
 THROTTLE_MAX_SLEEP = 1.0

@@ -12,11 +12,10 @@ from typing import TYPE_CHECKING
 
 from meshnet import logs
 from meshnet.cni import kube, kubeapi, metrics, repair
-from meshnet.cni.install.errors import InstallError
 from meshnet.cni.install.http import serve_metrics, serve_readiness
 from meshnet.cni.install.installer import Installer
 from meshnet.cni.install.settings import ENV_OPTIONS, Settings
-from meshnet.errors import MeshnetError
+from meshnet.errors import InstallError, MeshnetError
 
 if TYPE_CHECKING:
     from meshnet.cni import agent
