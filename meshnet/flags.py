@@ -12,6 +12,9 @@ from typing import Literal
 
 Kind = Literal["str", "bool"]
 
+# The proxy's UID and GID when nothing names them (istio-proxy's ids in Istio's images).
+DEFAULT_PROXY_ID = "1337"
+
 
 @dataclass(frozen=True, slots=True)
 class Flag:
@@ -141,7 +144,7 @@ ISTIO_FLAGS: tuple[Flag, ...] = (
         "--istio-inbound-tproxy-mark",
         "-t",
         "ISTIO_INBOUND_TPROXY_MARK",
-        default="1337",
+        default=DEFAULT_PROXY_ID,
         help="Packet mark used by TPROXY inbound capture (decimal).",
     ),
     Flag(
@@ -387,3 +390,8 @@ ALL_FLAGS: tuple[Flag, ...] = ISTIO_FLAGS + ENV_ONLY + EXTENSIONS + LOG_FLAGS
 ENV_NAMES: frozenset[str] = frozenset(
     name for flag in ALL_FLAGS for name in (flag.env, flag.alias_env) if name
 )
+
+
+def default(key: str) -> str:
+    """The default of the flag or env option `key`."""
+    return next(flag.default for flag in ALL_FLAGS if flag.key == key)

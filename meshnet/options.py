@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from meshnet.environment import IPAddress, System, detect_ip, parse_resolv_conf
 from meshnet.errors import EnvironmentFactError, OptionError, UsageError
-from meshnet.flags import ALL_FLAGS, Flag
+from meshnet.flags import ALL_FLAGS, DEFAULT_PROXY_ID, Flag
 
 OUTPUT_FORMATS = ("restore", "transcript", "json", "nft", "dot")
 _TRUE = {"1", "t", "T", "TRUE", "true", "True"}
@@ -435,7 +435,7 @@ def _proxy_uids(values: _Values, system: System) -> tuple[str, ...]:
         return _ids(raw, system, user=True)
     user = values.text("envoy_user") or "istio-proxy"
     uid = system.user_id(user)
-    return (str(uid) if uid is not None else "1337",)
+    return (str(uid) if uid is not None else DEFAULT_PROXY_ID,)
 
 
 def _ids(raw: Raw, system: System, *, user: bool) -> tuple[str, ...]:

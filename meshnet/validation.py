@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from meshnet import logs
 from meshnet.environment import HostSystem, detect_ip
 from meshnet.errors import EnvironmentFactError, ValidationFailed
+from meshnet.flags import DEFAULT_PROXY_ID
 from meshnet.options import Options
 
 SO_ORIGINAL_DST = 80
@@ -78,7 +79,7 @@ def run(opts: Options) -> None:
 def _proxy_ids(opts: Options) -> tuple[int, int]:
     """The first proxy UID and GID (the proxy itself runs as them), as numbers. Names were
     checked to resolve when the options were built."""
-    uid_text = opts.proxy_uids[0] if opts.proxy_uids else "1337"
+    uid_text = opts.proxy_uids[0] if opts.proxy_uids else DEFAULT_PROXY_ID
     uid = int(uid_text) if uid_text.isdigit() else pwd.getpwnam(uid_text).pw_uid
     gid_text = opts.proxy_gids[0] if opts.proxy_gids else str(uid)
     gid = int(gid_text) if gid_text.isdigit() else grp.getgrnam(gid_text).gr_gid

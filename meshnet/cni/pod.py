@@ -14,7 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from meshnet import flags as istio_flags
 from meshnet.errors import OptionError
+from meshnet.flags import DEFAULT_PROXY_ID
 
 _TRUE = {"1", "t", "T", "TRUE", "true", "True"}
 _FALSE = {"0", "f", "F", "FALSE", "false", "False"}
@@ -93,14 +95,9 @@ def _env(container: Mapping[str, Any] | None) -> dict[str, str]:
 def _flags(
     annotations: dict[str, str], proxy: Mapping[str, Any], env: dict[str, str]
 ) -> dict[str, str]:
-    flags = {
-        "envoy_port": "15001",
-        "inbound_capture_port": "15006",
-        "inbound_tunnel_port": "15008",
-        "tproxy_mark": "1337",
-        "tproxy_route_table": "133",
-        "cni_mode": "true",
-    }
+    fixed = ("envoy_port", "inbound_capture_port", "inbound_tunnel_port", "tproxy_mark")
+    flags = {key: istio_flags.default(key) for key in (*fixed, "tproxy_route_table")}
+    flags["cni_mode"] = "true"
     for annotation, (key, default) in ANNOTATIONS.items():
         flags[key] = _trimmed_list(_text(annotations, annotation, default), key)
     mode = flags["inbound_interception_mode"]
@@ -131,7 +128,7 @@ def _text(annotations: Mapping[str, Any], annotation: str, default: str) -> str:
 def _run_as(security: Mapping[str, Any], field: str, key: str) -> str:
     value = security.get(field)
     if value is None or value == 0:
-        return "1337"  # Istio: 0 or absent means the proxy's default UID/GID
+        return DEFAULT_PROXY_ID  # Istio: 0 or absent means the proxy's default UID/GID
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_ID:
         raise OptionError(
             f"invalid value {value!r} for pod field {RUN_AS[key]}: "

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from meshnet.explain import conditions as cond
 from meshnet.explain.conditions import Action, Condition, Packet
 from meshnet.model import Rule, Ruleset
-from meshnet.plan import ir
+from meshnet.plan import ir, nftables
 from meshnet.plan.nftables import NftRule, NftRuleset, chain_name
 from meshnet.probe import Probe
 
@@ -107,7 +107,7 @@ def explain_nft(ruleset: NftRuleset, probe: Probe) -> Explanation:
     return _run("nftables", order, probe, names=_NFT_TABLES)
 
 
-_NFT_TABLES = {"raw": "istio-proxy-raw", "mangle": "istio-proxy-mangle", "nat": "istio-proxy-nat"}
+_NFT_TABLES = {"raw": nftables.RAW, "mangle": nftables.MANGLE, "nat": nftables.NAT}
 
 
 def _iptables_rule(rule: Rule, sets: cond.Sets) -> ParsedRule:
