@@ -21,7 +21,7 @@ from meshnet import logs, netns, nslock, routes, state
 from meshnet.backends import ipset
 from meshnet.backends.iptables import IptablesRunner, detect
 from meshnet.cleanup import cleanup_commands
-from meshnet.errors import BackendError, DriftError, MeshnetError, NamespaceError
+from meshnet.errors import BackendError, DriftError, MeshnetError, NamespaceError, ReadBackError
 from meshnet.model import Family, IpSet, Rule, Ruleset
 from meshnet.options import Options
 from meshnet.render.restore import restore_lines
@@ -292,7 +292,7 @@ def _read_back(plans: list[FamilyPlan]) -> None:
         lines += ipset.diff(plan.sets)
         if lines:
             shown = "; ".join(lines[:5])
-            raise BackendError(f"{plan.family} rules read back differ from the plan: {shown}")
+            raise ReadBackError(f"{plan.family} rules read back differ from the plan: {shown}")
 
 
 def _roll_back(plan: FamilyPlan, snapshot: str) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from meshnet import logs, netns, nslock, routes
 from meshnet.backends.nftables import Nft
-from meshnet.errors import DriftError, MeshnetError, NamespaceError
+from meshnet.errors import DriftError, MeshnetError, NamespaceError, ReadBackError
 from meshnet.options import Options
 from meshnet.plan.nftables import TABLES, NftRuleset
 from meshnet.render import nft as render
@@ -56,7 +56,7 @@ def _apply(opts: Options, nft: Nft, ruleset: NftRuleset, live: dict[str, Listing
     try:
         drift = compare(ruleset, _live(nft))
         if drift:
-            raise MeshnetError(
+            raise ReadBackError(
                 "nftables rules read back differ from the plan: " + "; ".join(drift[:5])
             )
         routes.configure_for(opts)
