@@ -166,7 +166,8 @@ def _program(call: Call, decision: PodDecision) -> None:
 
 def _write_transcript(path: str, opts: Options) -> None:
     """The dry-run file holds Istio's iptables stub transcript, whichever backend is configured
-    (Istio's plugin turns on dry-run from DRY_RUN_FILE_PATH for iptables only)."""
+    (Istio turns on dry-run from DRY_RUN_FILE_PATH for iptables only: cni/pkg/plugin/
+    sidecar_iptables_linux.go)."""
     text = transcript.render(backend.IptablesBackend.from_options(opts).ruleset)
     try:
         with open(path, "w", encoding="utf-8") as handle:
