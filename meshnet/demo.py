@@ -22,10 +22,9 @@ from types import FrameType
 
 import click
 
-from meshnet import engine, netns, options, proc
+from meshnet import backend, netns, options, proc
 from meshnet.environment import HostSystem
 from meshnet.errors import MeshnetError
-from meshnet.plan import iptables
 
 STANDARD_ARGS = {
     "envoy_port": "15001",
@@ -130,12 +129,12 @@ def _ip(*args: str) -> None:
 def _apply_standard_rules(pod: str) -> None:
     with netns.entered(pod):
         opts = options.build(options.gather(STANDARD_ARGS, {}), HostSystem())
-        ruleset = iptables.ruleset(opts)
-        engine.program(opts, ruleset)
+        chosen = backend.IptablesBackend.from_options(opts)
+        chosen.program()
     click.echo(
         "applied: meshnet istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT "
         "-i '*' -x \"\" -b '*' -d 15090,15021,15020 --dual-stack "
-        f"({len(ruleset.ipv4)} IPv4 + {len(ruleset.ipv6)} IPv6 rules)"
+        f"({len(chosen.ruleset.ipv4)} IPv4 + {len(chosen.ruleset.ipv6)} IPv6 rules)"
     )
 
 

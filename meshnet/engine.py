@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from meshnet import logs, netns, nslock, routes, state
+from meshnet.backend import FORCED, Action, Assessment, Decision, Request, decide
 from meshnet.backends import ipset
 from meshnet.backends.iptables import IptablesRunner, detect
 from meshnet.cleanup import cleanup_commands
-from meshnet.errors import BackendError, DriftError, MeshnetError, NamespaceError
+from meshnet.errors import BackendError, DriftError, MeshnetError, NamespaceError, ReadBackError
 from meshnet.model import Family, IpSet, Rule, Ruleset
 from meshnet.options import Options
 from meshnet.render.restore import restore_lines
@@ -134,19 +135,6 @@ class FamilyPlan:
             return None
 
 
-@dataclass(frozen=True, slots=True)
-class Assessment:
-    """Istio's (residue, delta) plus what meshnet needs to explain drift."""
-
-    residue: bool
-    delta: bool
-    ours_present: bool  # any ISTIO_* chain exists: a blind apply would fail on `-N`
-    drift: tuple[str, ...]
-    # Whole tables or families of the plan are missing and the rest is in place: what a run
-    # killed between two table commits (or two families) leaves. A re-run completes it.
-    interrupted: bool = False
-
-
 def families(opts: Options, ruleset: Ruleset) -> list[FamilyPlan]:
     """Detect the binaries (Istio's DetectIptablesVersion); a v6 failure matters only with IPv6."""
     lockfile = (
@@ -223,30 +211,31 @@ def program(opts: Options, ruleset: Ruleset) -> None:
 
 
 def _program(opts: Options, ruleset: Ruleset) -> None:
-    log = logs.get()
     plans = families(opts, ruleset)
-    if opts.cleanup_only:
+    decision = decide(Request.of(opts), lambda: assess(plans))
+    if decision.action is Action.CLEAN:
         clean(opts, plans)
-        return
-    found = assess(plans)
-    if found.residue and not found.delta and not opts.force_apply:
-        log.info("rules already in place; nothing to apply")
+    elif decision.action is Action.NOOP:
+        logs.get().info("rules already in place; nothing to apply")
         routes.configure_for(opts)
-        return
-    reconcile = found.residue and found.delta and (opts.reconcile or found.interrupted)
-    if found.residue and found.delta and found.ours_present and not reconcile:
-        raise DriftError(_drift_message(found))
-    if not found.delta and opts.force_apply:
-        log.warning("--force-apply: applying over rules that are already in place")
-    if found.interrupted and not opts.reconcile:
+    elif decision.action is Action.DRIFT:
+        raise DriftError(_drift_message(decision.drift))
+    else:
+        _announce(decision)
+        _apply_all_or_nothing(opts, ruleset, plans, decision.action)
+
+
+def _announce(decision: Decision) -> None:
+    if decision.forced:
+        logs.get().warning(FORCED)
+    if decision.action is Action.COMPLETE:
         # No guardrails: a kill while they are in would leave DROP rules that look in sync.
-        log.info("completing an interrupted apply", missing="; ".join(found.drift[:3]))
-    _apply_all_or_nothing(opts, ruleset, plans, reconcile)
+        logs.get().info("completing an interrupted apply", missing="; ".join(decision.drift[:3]))
 
 
-def _drift_message(found: Assessment) -> str:
-    shown = "; ".join(found.drift[:5])
-    more = f" (and {len(found.drift) - 5} more)" if len(found.drift) > 5 else ""
+def _drift_message(drift: tuple[str, ...]) -> str:
+    shown = "; ".join(drift[:5])
+    more = f" (and {len(drift) - 5} more)" if len(drift) > 5 else ""
     return (
         f"existing iptables rules differ from the plan: {shown}{more}. "
         "Re-run with --reconcile to replace them, or see `meshnet verify` for the full diff"
@@ -254,17 +243,18 @@ def _drift_message(found: Assessment) -> str:
 
 
 def _apply_all_or_nothing(
-    opts: Options, ruleset: Ruleset, plans: list[FamilyPlan], reconcile: bool
+    opts: Options, ruleset: Ruleset, plans: list[FamilyPlan], action: Action
 ) -> None:
-    """Apply every family; on any failure put every table back as it was found."""
+    """Apply every family; on any failure put every table back as it was found.
+    RECONCILE and COMPLETE remove the planned rules first; only RECONCILE puts up guardrails."""
+    reconcile = action in (Action.RECONCILE, Action.COMPLETE)
     active = [p for p in plans if p.rules]
     snapshots = {p.family: p.initial_save or "" for p in active}
     sets = [s for p in active for s in p.sets]
     had_sets = ipset.existing() if sets else set()
     try:
         ipset.load(sets)  # complete before any rule can match against them
-        # Guardrails only when asked for: completing an interrupted apply goes without them.
-        with _guardrails(active) if reconcile and opts.reconcile else nullcontext():
+        with _guardrails(active) if action is Action.RECONCILE else nullcontext():
             if reconcile:
                 logs.get().info("reconciling: removing the drifted rules before applying")
                 for plan in active:
@@ -292,7 +282,7 @@ def _read_back(plans: list[FamilyPlan]) -> None:
         lines += ipset.diff(plan.sets)
         if lines:
             shown = "; ".join(lines[:5])
-            raise BackendError(f"{plan.family} rules read back differ from the plan: {shown}")
+            raise ReadBackError(f"{plan.family} rules read back differ from the plan: {shown}")
 
 
 def _roll_back(plan: FamilyPlan, snapshot: str) -> None:
@@ -337,6 +327,12 @@ def _remove_planned(plan: FamilyPlan) -> None:
     runner = plan.require_runner()
     for command in cleanup_commands(plan.rules):
         runner.run(command)
+
+
+def remove(opts: Options, ruleset: Ruleset) -> None:
+    """--cleanup-only's removal on its own (one writer per namespace)."""
+    with nslock.held():
+        clean(opts, families(opts, ruleset))
 
 
 def clean(opts: Options, plans: list[FamilyPlan]) -> None:

@@ -29,6 +29,10 @@ class BackendError(MeshnetError):
     """An iptables/nft binary is missing, unusable, or rejected the rules."""
 
 
+class ReadBackError(BackendError):
+    """The rules read back after an apply differ from the plan (the apply is rolled back)."""
+
+
 class NamespaceError(MeshnetError):
     """A network namespace could not be entered."""
 

@@ -12,8 +12,9 @@ import re
 from collections.abc import Mapping
 
 from meshnet import logs, netns, nslock, routes
+from meshnet.backend import FORCED, Action, Assessment, Request, decide
 from meshnet.backends.nftables import Nft
-from meshnet.errors import DriftError, MeshnetError, NamespaceError
+from meshnet.errors import DriftError, MeshnetError, NamespaceError, ReadBackError
 from meshnet.options import Options
 from meshnet.plan.nftables import TABLES, NftRuleset
 from meshnet.render import nft as render
@@ -32,31 +33,38 @@ def program(opts: Options, ruleset: NftRuleset) -> None:
 def _program(opts: Options, ruleset: NftRuleset) -> None:
     nft = Nft(cni_mode=opts.cni_mode)
     nft.require()
-    if opts.cleanup_only:
+    decision = decide(Request.of(opts), lambda: assess(ruleset, _live(nft)))
+    if decision.action is Action.CLEAN:
         clean(opts, nft)
-        return
-    live = _live(nft)
-    drift = compare(ruleset, live)
-    if not drift and not opts.force_apply:
+    elif decision.action is Action.NOOP:
         logs.get().info("nftables rules already in place; nothing to apply")
         routes.configure_for(opts)
-        return
-    if any(live.values()) and not opts.reconcile and not opts.force_apply:
-        shown = "; ".join(drift[:5])
+    elif decision.action is Action.DRIFT:
         raise DriftError(
-            f"existing nftables rules differ from the plan: {shown}. "
+            f"existing nftables rules differ from the plan: {'; '.join(decision.drift[:5])}. "
             "Re-run with --reconcile to replace them"
         )
-    _apply(opts, nft, ruleset, live)
+    else:
+        if decision.forced:
+            logs.get().warning(FORCED)
+        _apply(opts, nft, ruleset)  # a transaction replaces the tables: reconciling is applying
 
 
-def _apply(opts: Options, nft: Nft, ruleset: NftRuleset, live: dict[str, Listing | None]) -> None:
+def assess(ruleset: NftRuleset, live: dict[str, Listing | None]) -> Assessment:
+    """Only meshnet's own tables are read, so any residue is ours."""
+    drift = compare(ruleset, live)
+    present = any(live.values())
+    return Assessment(residue=present, delta=bool(drift), ours_present=present, drift=tuple(drift))
+
+
+def _apply(opts: Options, nft: Nft, ruleset: NftRuleset) -> None:
     previous = {table: nft.list_table(table) for table in TABLES}
+    live = {table: _parse(listing) for table, listing in previous.items()}
     nft.apply(_replacing(live) + render.render(ruleset))
     try:
         drift = compare(ruleset, _live(nft))
         if drift:
-            raise MeshnetError(
+            raise ReadBackError(
                 "nftables rules read back differ from the plan: " + "; ".join(drift[:5])
             )
         routes.configure_for(opts)
@@ -70,6 +78,14 @@ def _apply(opts: Options, nft: Nft, ruleset: NftRuleset, live: dict[str, Listing
 def _replacing(live: Mapping[str, object]) -> str:
     """Delete meshnet's existing tables first (Istio's add+flush keeps stale empty chains)."""
     return "".join(f"add table inet {t}\ndelete table inet {t}\n" for t, v in live.items() if v)
+
+
+def remove(opts: Options) -> None:
+    """--cleanup-only's removal on its own (one writer per namespace)."""
+    nft = Nft(cni_mode=opts.cni_mode)
+    nft.require()
+    with nslock.held():
+        clean(opts, nft)
 
 
 def clean(opts: Options, nft: Nft) -> None:

@@ -1,4 +1,4 @@
-"""The commands' flow: options → plan → print (dry run) or hand to the engine.
+"""The commands' flow: options → backend and its plan → print (dry run) or apply.
 
 `--network-namespace` is entered before anything else, so IPv6 detection, binary detection,
 rules and routes all see the pod's namespace.
@@ -10,13 +10,11 @@ import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 
-from meshnet import logs, netns, options
+from meshnet import backend, logs, netns, options
+from meshnet.backend import Backend
 from meshnet.environment import HostSystem
-from meshnet.errors import MeshnetError, OptionError
-from meshnet.model import Ruleset
+from meshnet.errors import OptionError
 from meshnet.options import Options
-from meshnet.plan import iptables
-from meshnet.render import restore, transcript
 
 
 @contextmanager
@@ -57,14 +55,15 @@ def _require_dry_run_for_output_format(raw: Mapping[str, options.Raw], opts: Opt
 @contextmanager
 def prepared(
     given: Mapping[str, str | None], environ: Mapping[str, str], *, prints_rules: bool = False
-) -> Iterator[tuple[Options, Ruleset]]:
-    """Enter the namespace (if any), then validate the options and plan, inside it.
-    `prints_rules`: the command prints rules with --dry-run, and applies them without it."""
+) -> Iterator[tuple[Options, Backend]]:
+    """Enter the namespace (if any), then validate the options and plan for the backend they
+    choose, inside it. `prints_rules`: the command prints rules with --dry-run, and applies
+    them without it."""
     with entered(given, environ, prints_rules=prints_rules) as opts:
-        ruleset = iptables.ruleset(opts)
-        for warning in ruleset.warnings:
+        chosen = backend.select(opts)
+        for warning in chosen.warnings:
             logs.get().warning(warning)
-        yield opts, ruleset
+        yield opts, chosen
 
 
 def _write(text: str) -> None:
@@ -73,62 +72,18 @@ def _write(text: str) -> None:
     sys.stdout.write(text)
 
 
-def render(opts: Options, ruleset: Ruleset) -> str:
-    if opts.output_format == "transcript":
-        return transcript.render(ruleset, cleanup_only=opts.cleanup_only)
-    if opts.output_format == "json":
-        from meshnet.render import jsonout  # the json encoder only for this output
-
-        return jsonout.render(ruleset)
-    if opts.output_format == "dot":
-        from meshnet.render import dot
-
-        return dot.render(ruleset)
-    return restore.render(ruleset)
-
-
 def run_istio_iptables(given: Mapping[str, str | None], environ: Mapping[str, str]) -> None:
-    with prepared(given, environ, prints_rules=True) as (opts, ruleset):
+    with prepared(given, environ, prints_rules=True) as (opts, chosen):
         if opts.skip_rule_apply:
             logs.get().info("skipping rule application (--skip-rule-apply)")
-        elif opts.native_nftables or opts.output_format == "nft":
-            _run_nftables(opts)
         elif opts.dry_run:
-            _write(render(opts, ruleset))
+            _write(chosen.dry_run())
         else:
-            from meshnet import engine
-
-            engine.program(opts, ruleset)
+            chosen.program()
         if opts.run_validation:
             from meshnet import validation
 
             validation.run(opts)
-
-
-def _run_nftables(opts: Options) -> None:
-    """--native-nftables: Istio's nft mode ignores --dry-run; meshnet honours it."""
-    from meshnet.plan import nftables
-    from meshnet.render import nft
-
-    if opts.dry_run and opts.output_format not in ("nft", "restore", "dot"):
-        raise MeshnetError(
-            f"--output-format {opts.output_format} is not available with --native-nftables "
-            "(use nft)"
-        )
-    ruleset = nftables.ruleset(opts)
-    for warning in ruleset.warnings:
-        logs.get().warning(warning)
-    if opts.dry_run:
-        if opts.output_format == "dot":
-            from meshnet.render import dot
-
-            _write(dot.render_nft(ruleset))
-        else:
-            _write(nft.render(ruleset))
-        return
-    from meshnet import nftengine
-
-    nftengine.program(opts, ruleset)
 
 
 def run_clean(given: Mapping[str, str | None], environ: Mapping[str, str]) -> None:
@@ -148,17 +103,9 @@ def run_verify(
     given: Mapping[str, str | None], environ: Mapping[str, str], output: str = "text"
 ) -> int:
     """Print the drift between live state and plan; 0 when equal, 3 when drifted."""
-    from meshnet import engine
-
-    with prepared(given, environ) as (opts, ruleset):
-        if opts.native_nftables:
-            from meshnet import nftengine
-            from meshnet.plan import nftables
-
-            lines = nftengine.verify(opts, nftables.ruleset(opts))
-            backends = {f: "nftables" for f in ("ipv4", "ipv6")[: 1 + ruleset.ipv6_enabled]}
-        else:
-            lines, backends = engine.verify(opts, ruleset)
+    with prepared(given, environ) as (_opts, chosen):
+        verified = chosen.verify()
+    lines, backends = list(verified.differences), dict(verified.used)
     if output == "json":
         import json
 
@@ -192,15 +139,10 @@ def run_explain(
     import json
 
     from meshnet import explain, probe
-    from meshnet.plan import nftables
 
     probes = [probe.parse(spec) for spec in specs]  # bad syntax fails before anything else
-    with prepared(given, environ) as (opts, ruleset):
-        if opts.native_nftables:
-            nft_plan = nftables.ruleset(opts)
-            results = [explain.explain_nft(nft_plan, p) for p in probes]
-        else:
-            results = [explain.explain_iptables(ruleset, p) for p in probes]
+    with prepared(given, environ) as (_opts, chosen):
+        results = [chosen.explain(p) for p in probes]
     if output == "json":
         _write(json.dumps([explain.render_json(r) for r in results], indent=2) + "\n")
     else:

@@ -7,7 +7,7 @@ import shutil
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-from meshnet import engine, logs, netns, nslock, options, sweep
+from meshnet import backend, engine, logs, netns, nslock, options, sweep
 from meshnet.cni import kube
 from meshnet.cni.plugin import (
     ERR_INTERNAL,
@@ -22,10 +22,12 @@ from meshnet.cni.pod import PodDecision, decide, origin_of
 from meshnet.environment import HostSystem
 from meshnet.errors import CniError, MeshnetError
 from meshnet.flags import ENV_ONLY
-from meshnet.model import Ruleset
 from meshnet.options import Options, Raw
 from meshnet.plan import iptables
 from meshnet.render import transcript
+
+# The node agent imports this module before its first call: the iptables engine and plan with it.
+_WARM = (engine, iptables)
 
 # Env-only options come from the plugin's own environment, as in Istio; nothing else does.
 _PLUGIN_ENV = tuple(flag.env for flag in ENV_ONLY if flag.env)
@@ -50,14 +52,7 @@ def check(call: Call) -> None:
     if decision.skip_reason is not None:
         return
     with netns.entered(call.netns):  # verify holds the namespace's lock
-        opts = _options(call, decision)
-        if opts.native_nftables:
-            from meshnet import nftengine
-            from meshnet.plan import nftables
-
-            drift = nftengine.verify(opts, nftables.ruleset(opts))
-        else:
-            drift, _ = engine.verify(opts, iptables.ruleset(opts))
+        drift = backend.select(_options(call, decision)).verify().differences
     if drift:
         raise CniError(ERR_INTERNAL, "pod rules drifted: " + "; ".join(drift[:5]))
 
@@ -76,9 +71,7 @@ def delete(call: Call) -> None:
 
 def status(call: Call) -> None:
     """CNI 1.1 STATUS: ready when a rules backend is installed."""
-    tools = (
-        ("nft",) if call.config.get("native_nftables") else ("iptables-restore", "iptables-save")
-    )
+    tools = backend.kind(native_nftables=bool(call.config.get("native_nftables"))).tools
     missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
         raise CniError(50, f"plugin not available: {', '.join(missing)} not found in PATH")
@@ -165,21 +158,20 @@ def _program(call: Call, decision: PodDecision) -> None:
     with netns.entered(call.netns):
         opts = _options(call, decision)
         if dry_run_file:
-            _write_transcript(dry_run_file, iptables.ruleset(opts))
-        elif opts.native_nftables:
-            from meshnet import nftengine
-            from meshnet.plan import nftables
-
-            nftengine.program(opts, nftables.ruleset(opts))
+            _write_transcript(dry_run_file, opts)
         else:
-            engine.program(opts, iptables.ruleset(opts))
+            backend.select(opts).program()
     logs.get().info("pod rules in place", netns=call.netns, dry_run=bool(dry_run_file))
 
 
-def _write_transcript(path: str, ruleset: Ruleset) -> None:
+def _write_transcript(path: str, opts: Options) -> None:
+    """The dry-run file holds Istio's iptables stub transcript, whichever backend is configured
+    (Istio turns on dry-run from DRY_RUN_FILE_PATH for iptables only: cni/pkg/plugin/
+    sidecar_iptables_linux.go)."""
+    text = transcript.render(backend.IptablesBackend.from_options(opts).ruleset)
     try:
         with open(path, "w", encoding="utf-8") as handle:
-            handle.write(transcript.render(ruleset))
+            handle.write(text)
     except OSError as err:
         raise MeshnetError(f"cannot write DRY_RUN_FILE_PATH {path}: {err.strerror}") from err
 

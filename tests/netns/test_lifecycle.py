@@ -276,6 +276,20 @@ def test_rerun_with_same_flags_is_a_noop(topology: Topology, backend: str, mode:
 
 
 @backend_param
+def test_force_apply_does_not_replace_drifted_rules(topology: Topology, backend: str) -> None:
+    """--force-apply re-applies rules that are in place (Istio's meaning); drift stays refused."""
+    assert_ok(run_meshnet(topology, "istio-iptables", STANDARD_DUAL, backend=backend))
+    applied = namespace_state(topology)
+    new_flags = (*STANDARD_DUAL, "-d", "15090,15021")
+
+    refused = run_meshnet(topology, "istio-iptables", new_flags, "--force-apply", backend=backend)
+
+    assert refused.returncode == 1, refused.stderr
+    assert "--reconcile" in refused.stderr
+    assert_same_state(namespace_state(topology), applied)
+
+
+@backend_param
 def test_changed_flags_fail_without_reconcile_and_take_over_with_it(
     topology: Topology, backend: str
 ) -> None:

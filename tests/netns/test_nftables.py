@@ -77,6 +77,19 @@ def test_drift_needs_reconcile_and_verify_reports_it(topology: Topology) -> None
     assert "istio-proxy-raw" in ruleset(topology)
 
 
+def test_force_apply_reapplies_rules_in_place_but_not_over_drift(topology: Topology) -> None:
+    """As the iptables engine: --force-apply re-applies, --reconcile replaces drift."""
+    assert run(topology, "istio-iptables", *STANDARD)[0] == 0
+    before = ruleset(topology)
+    changed = [*STANDARD, "--redirect-dns", "--capture-all-dns"]
+    code, out = run(topology, "istio-iptables", *changed, "--force-apply")
+    assert code == 1 and "--reconcile" in out
+    assert ruleset(topology) == before
+    code, out = run(topology, "istio-iptables", *STANDARD, "--force-apply")
+    assert code == 0 and "--force-apply: applying over rules that are already in place" in out
+    assert ruleset(topology) == before
+
+
 def test_clean_removes_only_meshnets_tables(topology: Topology) -> None:
     topology.exec(topology.pod_ns, ["nft", "-f", "-"], input=FOREIGN, check=True)
     restore = "*nat\n-A OUTPUT -d 192.0.2.9/32 -j RETURN\nCOMMIT\n"
