@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.common import STANDARD, Stats, clean_env, machine, timed, write_result  # noqa: E402
-from meshnet import netns  # noqa: E402
+from meshnet.host import netns  # noqa: E402
 
 TARGET = 3.0
 WARMUP = 2

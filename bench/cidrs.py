@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from meshnet import netns
+from meshnet.host import netns
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = [

@@ -44,7 +44,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from meshnet import netns  # noqa: E402
+from meshnet.host import netns  # noqa: E402
 from tests.cni.agents import Agent, build_forwarder, plugin_dir  # noqa: E402
 from tests.cni.fakes import (  # noqa: E402
     FakeApi,

@@ -55,7 +55,7 @@ class Stats:
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """This environment minus every variable istio-iptables or meshnet reads, plus `extra`,
     so a stray ISTIO_* or MESHNET_* in the caller's shell cannot change what is measured."""
-    from meshnet.flags import ENV_NAMES
+    from meshnet.config.flags import ENV_NAMES
 
     env = {
         key: value

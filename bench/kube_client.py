@@ -32,7 +32,7 @@ roots = {m.split(".")[0] for m in sys.modules}
 print(json.dumps({"seconds": seconds, "rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "modules": len(sys.modules), "roots": sorted(roots)}))
 """
-STDLIB = "meshnet.cni.kubeapi"
+STDLIB = "meshnet.cni.kube.agent_client"
 CLIENT = "kubernetes.client,kubernetes.config,kubernetes.watch"
 
 
@@ -77,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     candidates = {
         "floor (python -c pass)": (sys.executable, ""),
-        "stdlib watch (meshnet.cni.kubeapi)": (sys.executable, STDLIB),
+        "stdlib watch (meshnet.cni.kube.agent_client)": (sys.executable, STDLIB),
         "kubernetes client": (args.kubernetes_python, CLIENT),
     }
     runs: dict[str, list[dict[str, object]]] = {name: [] for name in candidates}

@@ -1,6 +1,6 @@
 """Entry point of the standalone `meshnet-cni` executable (see build.sh)."""
 
-from meshnet.cni.plugin import main
+from meshnet.cni.plugin.main import main
 
 if __name__ == "__main__":
     main()

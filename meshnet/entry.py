@@ -1,9 +1,9 @@
 """The `meshnet` executable: exit codes, early log format, and the click-free start.
 
 Exit codes follow istio-iptables: 0 ok, 1 error, 126 validation failed, 255 usage error.
-`istio-iptables`, `clean`, `verify` and `validate` in their plain forms (see `meshnet.argv`)
+`istio-iptables`, `clean`, `verify` and `validate` in their plain forms (see `meshnet.cli.argv`)
 run without importing click, which costs an init container more than its rule work; every
-other command line, and every line `meshnet.argv` leaves alone, goes to `meshnet.cli`.
+other command line, and every line `meshnet.cli.argv` leaves alone, goes to `meshnet.cli.app`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
-from meshnet import argv, logs
+from meshnet import logs
+from meshnet.cli import argv
 from meshnet.errors import MeshnetError
 
 __all__ = ["main"]
@@ -29,9 +30,9 @@ def main(args: Sequence[str] | None = None) -> None:
         if command is not None:
             status = command()
         else:
-            from meshnet import cli
+            from meshnet.cli import app
 
-            status = cli.dispatch(line)
+            status = app.dispatch(line)
     except MeshnetError as err:
         logs.get().error(str(err))
         sys.exit(err.exit_code)
@@ -48,7 +49,7 @@ def _plain_command(line: list[str]) -> Callable[[], int] | None:
     given = argv.parse(rest)
     if given is None:
         return None
-    from meshnet import run
+    from meshnet.cli import run
 
     runs = {"istio-iptables": run.run_istio_iptables, "validate": run.run_validate}
     chosen = runs.get(name, run.run_clean)
@@ -62,7 +63,7 @@ def _plain_verify(rest: list[str]) -> Callable[[], int] | None:
     chosen = argv.report_output(given.pop("output"), given.pop("output_format"))
     if chosen is None:
         return None  # a bad choice gets click's error
-    from meshnet import run
+    from meshnet.cli import run
 
     return lambda: run.run_verify(given, os.environ, chosen)
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from meshnet import netns
+from meshnet.host import netns
 
 RAN: dict[str, int] = {}
 _HOST_DUMPS = (

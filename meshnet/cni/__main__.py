@@ -1,3 +1,3 @@
-from meshnet.cni.plugin import main
+from meshnet.cni.plugin.main import main
 
 main()

@@ -34,10 +34,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshnet import logs, netns
+from meshnet import logs
 from meshnet.cni.pool import Hook, Job, Pool, _error, _pod_of
 from meshnet.cni.wire import ACK, Request, _reply_bytes, read_request
 from meshnet.errors import AgentError, MeshnetError, OptionError
+from meshnet.host import netns
 
 SOCKET_NAME = "meshnet-cni.sock"
 READ_TIMEOUT = 10.0  # seconds for a forwarder to send its request (it sends it at once)
@@ -224,9 +225,9 @@ def _deadline_error(request: Request, deadline: float) -> tuple[str, int]:
 
 def _warm_imports() -> None:
     """Import what a call needs once, before the first call (it would otherwise pay them)."""
-    import meshnet.backends.nftables
-    import meshnet.cni.commands
-    import meshnet.nftengine
+    import meshnet.apply.nft_engine
+    import meshnet.apply.nft_tool
+    import meshnet.cni.plugin.commands
     import meshnet.plan.nftables  # noqa: F401
 
 

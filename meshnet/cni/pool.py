@@ -1,4 +1,4 @@
-"""The agent's worker pool: the threads that run `plugin.respond` for each call taken off the
+"""The agent's worker pool: the threads that run `main.respond` for each call taken off the
 socket, a container id's calls one after another, and the hooks told of each finished call."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from meshnet import logs, netns
-from meshnet.cni import plugin
+from meshnet import logs
+from meshnet.cni.plugin import main
 from meshnet.cni.wire import Request
+from meshnet.host import netns
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +103,7 @@ class Pool:
     def _work(self) -> None:
         while (job := self._next()) is not None:
             try:
-                job.output, job.code = plugin.respond(job.request.stdin, job.request.env)
+                job.output, job.code = main.respond(job.request.stdin, job.request.env)
             except BaseException as err:  # respond() catches Exception; keep the worker anyway
                 job.output, job.code = _error(job.request, f"agent worker failed: {err!r}")
             seconds = time.monotonic() - job.taken
@@ -171,6 +172,6 @@ def _error(request: Request, what: str) -> tuple[str, int]:
         version = str(json.loads(request.stdin).get("cniVersion", "1.1.0"))
     except (ValueError, AttributeError):
         version = "1.1.0"
-    message = f"{plugin.PLUGIN_TYPE} agent: {what}"
-    document = {"cniVersion": version, "code": plugin.ERR_INTERNAL, "msg": message}
+    message = f"{main.PLUGIN_TYPE} agent: {what}"
+    document = {"cniVersion": version, "code": main.ERR_INTERNAL, "msg": message}
     return json.dumps(document, indent=4) + "\n", 1

@@ -25,10 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshnet import errors, logs, netns
-from meshnet.cni import kubeapi, metrics
-from meshnet.environment import netlink_addresses
+from meshnet import errors, logs
+from meshnet.cni import metrics
+from meshnet.cni.kube import agent_client
 from meshnet.errors import MeshnetError
+from meshnet.host import netns
+from meshnet.host.system import netlink_addresses
 
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
@@ -68,10 +70,10 @@ class RepairSettings:
             return "label"
         return None
 
-    def selectors(self) -> kubeapi.Selectors:
+    def selectors(self) -> agent_client.Selectors:
         fields = [self.field_selectors] if self.field_selectors else []
         fields.append(f"spec.nodeName={self.node_name}")
-        return kubeapi.Selectors(field=",".join(fields), label=self.label_selectors)
+        return agent_client.Selectors(field=",".join(fields), label=self.label_selectors)
 
 
 # --- which pods are broken (pure) --------------------------------------------------------------
@@ -175,7 +177,7 @@ def _holds_any(path: str, ips: set[ipaddress.IPv4Address | ipaddress.IPv6Address
 class Controller:
     """Watches this node's pods and acts on the broken ones until `stop()`."""
 
-    def __init__(self, settings: RepairSettings, api: kubeapi.PodApi) -> None:
+    def __init__(self, settings: RepairSettings, api: agent_client.PodApi) -> None:
         self.settings = settings
         self._api = api
         self._stop = threading.Event()
@@ -297,7 +299,7 @@ class Controller:
             return None  # the pod recovers only at its next restart; events until then are noise
         log.info("pod detected as broken; repairing")
         path = find_pod_netns(pod_ips(pod), self.settings.host_proc)
-        from meshnet.cni import commands  # the engine: only when a pod needs it
+        from meshnet.cni.plugin import commands  # the engine: only when a pod needs it
 
         reason = commands.program_pod(path, dict(pod), self.settings.native_nftables)
         self._repaired[key] = uid

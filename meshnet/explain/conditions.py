@@ -14,8 +14,8 @@ import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from meshnet.explain.probe import Probe
 from meshnet.plan.ir import Match, Target
-from meshnet.probe import Probe
 
 
 @dataclass(slots=True)

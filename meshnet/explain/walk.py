@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 from meshnet.explain import conditions as cond
 from meshnet.explain.conditions import Action, Condition, Packet
-from meshnet.model import Rule, Ruleset
+from meshnet.explain.probe import Probe
 from meshnet.plan import ir, nftables
+from meshnet.plan.model import Rule, Ruleset
 from meshnet.plan.nftables import NftRule, NftRuleset, chain_name
-from meshnet.probe import Probe
 
 
 @dataclass(frozen=True, slots=True)

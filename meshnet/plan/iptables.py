@@ -10,10 +10,10 @@ lowering is spelled here:
 
 from __future__ import annotations
 
-from meshnet.model import FAMILIES, Rule, Ruleset
-from meshnet.options import Options
+from meshnet.config.options import Options
 from meshnet.plan import ir, steps
 from meshnet.plan.ir import Match, Target
+from meshnet.plan.model import FAMILIES, Rule, Ruleset
 
 _OPTION = {"iif": "-i", "oif": "-o", "src": "-s", "dst": "-d"}
 _MODULE = {"uid": ("owner", "--uid-owner"), "gid": ("owner", "--gid-owner")}

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from meshnet.model import Family, IpSet
+from meshnet.plan.model import Family, IpSet
 
 Scope = Literal["both", "ipv4", "ipv6"]  # the families a rule is planned for
 Table = Literal["nat", "mangle", "raw"]

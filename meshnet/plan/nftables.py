@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from meshnet.options import Options
+from meshnet.config.options import Options
 from meshnet.plan import ir, steps
 from meshnet.plan.ir import Match
 

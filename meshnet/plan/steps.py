@@ -14,10 +14,10 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from meshnet.model import FAMILIES, Family, IpSet
-from meshnet.options import Options
+from meshnet.config.options import Options
 from meshnet.plan import ir
 from meshnet.plan.ir import RETURN, Match, OwnerKind, Scope, Table, Target
+from meshnet.plan.model import FAMILIES, Family, IpSet
 
 LB6 = "::1/128"
 DNS_PORT = "53"

@@ -22,8 +22,8 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from meshnet.model import HOOKS, Family, Rule, Ruleset
 from meshnet.plan import iptables, ir
+from meshnet.plan.model import HOOKS, Family, Rule, Ruleset
 
 if TYPE_CHECKING:  # types only: the iptables dry run should not import the nft lowering
     from meshnet.plan.nftables import NftChain, NftRule, NftRuleset, NftTable

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from meshnet.model import Family, Ruleset
+from meshnet.plan.model import Family, Ruleset
 
 
 def render(ruleset: Ruleset) -> str:

@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 
 from meshnet.errors import UnsafeTextError
-from meshnet.model import TABLES, Rule, Ruleset, declared_chains
+from meshnet.plan.model import TABLES, Rule, Ruleset, declared_chains
 
 _UNSAFE = re.compile(r"[\s\"'\\\x00-\x1f\x7f-\x9f]")
 

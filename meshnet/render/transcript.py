@@ -8,8 +8,8 @@ and the planned rules are "applied"; with --cleanup-only the cleanup commands ar
 
 from __future__ import annotations
 
-from meshnet.cleanup import cleanup_commands
-from meshnet.model import Ruleset
+from meshnet.plan.cleanup import cleanup_commands
+from meshnet.plan.model import Ruleset
 from meshnet.render.restore import restore_lines
 
 _BINARY = {"ipv4": "iptables", "ipv6": "ip6tables"}

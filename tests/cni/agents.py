@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from meshnet.cni.plugin import KUBECONFIG_NAME
+from meshnet.cni.plugin.main import KUBECONFIG_NAME
 from tests.support import REPO
 
 SOCKET_NAME = "meshnet-cni.sock"

@@ -19,10 +19,12 @@ from typing import Any
 
 import pytest
 
-from meshnet import logs, netns
+from meshnet import logs
 from meshnet.cni import agent as agent_mod
-from meshnet.cni import plugin, wire
 from meshnet.cni import pool as pool_mod
+from meshnet.cni import wire
+from meshnet.cni.plugin import main
+from meshnet.host import netns
 from tests.cni.agents import Agent, forwarder_dir, run_forwarder
 from tests.cni.fakes import FakeApi, cni_env, mesh_pod, pod_namespace, write_kubeconfig
 from tests.netns.harness import require_root_netns
@@ -64,9 +66,9 @@ def events(agent: Agent, name: str) -> list[dict[str, Any]]:
 
 def test_forwarder_answers_version_and_usage_exactly_as_the_plugin(forwarder: Path) -> None:
     version = run_forwarder(forwarder, {"CNI_COMMAND": "VERSION"}, "")
-    assert (version.stdout, version.returncode) == plugin.respond("", {"CNI_COMMAND": "VERSION"})
+    assert (version.stdout, version.returncode) == main.respond("", {"CNI_COMMAND": "VERSION"})
     usage = run_forwarder(forwarder, {}, "")
-    assert (usage.stdout, usage.stderr, usage.returncode) == ("", plugin.USAGE, 1)
+    assert (usage.stdout, usage.stderr, usage.returncode) == ("", main.USAGE, 1)
 
 
 class OneShotServer:

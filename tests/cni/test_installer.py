@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from meshnet.cni import conflist
+from meshnet.cni.install import conflist
 from meshnet.cni.install.config import create_cni_config_file, remove_cni_config
 from meshnet.cni.install.settings import ENV_OPTIONS, Settings
 from meshnet.errors import OptionError

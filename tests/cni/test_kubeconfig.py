@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from meshnet.cni import kubeconfig as kubeconfig_writer
+from meshnet.cni.kube import kubeconfig as kubeconfig_writer
 from tests.cni.fakes import (
     TOKEN,
     FakeApi,

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from meshnet import netns
+from meshnet.host import netns
 from tests.cni.agents import Agent, forwarder_dir, plugin_dir
 from tests.cni.fakes import FakeApi, in_netns, mesh_pod, write_kubeconfig
 from tests.netns.harness import Topology, fmt_addr, require_root_netns, split_addr

@@ -20,7 +20,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshnet import errors
-from meshnet.cni import kube, kubeapi, metrics, repair
+from meshnet.cni import metrics, repair
+from meshnet.cni.kube import agent_client, plugin_client
 from meshnet.cni.repair import Controller, RepairSettings, is_broken
 from tests.cni.fakes import TOKEN, WatchApi, broken_pod, in_netns, mesh_pod
 from tests.netns.harness import require_root_netns
@@ -50,8 +51,8 @@ def api() -> Iterator[WatchApi]:
 
 def start(api: WatchApi, **options: Any) -> Controller:
     settings = replace(RepairSettings(node_name=NODE, resync_seconds=60), **options)
-    config = kube.Kubeconfig(server=api.url, token=TOKEN, ca_data=None, insecure=False)
-    controller = Controller(settings, kubeapi.PodApi(lambda: config))
+    config = plugin_client.Kubeconfig(server=api.url, token=TOKEN, ca_data=None, insecure=False)
+    controller = Controller(settings, agent_client.PodApi(lambda: config))
     controller.start()
     return controller
 
@@ -120,8 +121,10 @@ def test_a_410_gone_relists_and_resumes(api: WatchApi) -> None:
 def test_unreachable_api_is_retried_with_backoff_and_counted() -> None:
     before = sample("meshnet_cni_repair_watch_errors_total", reason="unreachable")
     settings = RepairSettings(node_name=NODE)
-    dead = kube.Kubeconfig(server="http://127.0.0.1:9", token="", ca_data=None, insecure=False)
-    controller = Controller(settings, kubeapi.PodApi(lambda: dead))
+    dead = plugin_client.Kubeconfig(
+        server="http://127.0.0.1:9", token="", ca_data=None, insecure=False
+    )
+    controller = Controller(settings, agent_client.PodApi(lambda: dead))
     controller.start()
     try:
         for _ in range(400):  # the first retry comes after 0.5 s
@@ -305,9 +308,9 @@ def test_unknown_metric_labels_are_refused() -> None:
 def test_the_plugin_and_the_cli_never_import_the_resident_modules() -> None:
     """The per-pod plugin and `meshnet istio-iptables` stay light: no metrics, no watch."""
     code = (
-        "import sys, meshnet.cni.plugin, meshnet.cni.commands, meshnet.cli\n"
+        "import sys, meshnet.cni.plugin.main, meshnet.cni.plugin.commands, meshnet.cli.app\n"
         "bad = [m for m in ('prometheus_client', 'meshnet.cni.metrics', 'meshnet.cni.repair',"
-        " 'meshnet.cni.kubeapi', 'meshnet.cni.install') if m in sys.modules]\n"
+        " 'meshnet.cni.kube.agent_client', 'meshnet.cni.install') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )
     out = subprocess.run(
@@ -335,8 +338,8 @@ def test_the_watch_speaks_tls_with_the_kubeconfig_ca(api: WatchApi, tmp_path: Pa
     api.server.socket = context.wrap_socket(api.server.socket, server_side=True)
     api.put(broken_pod("tls", "uid-tls", NODE))
     port = api.server.server_address[1]
-    trusted = kube.Kubeconfig(f"https://127.0.0.1:{port}", TOKEN, cert.read_bytes(), False)
-    assert len(kubeapi.PodApi(lambda: trusted).list_pods(kubeapi.Selectors()).items) == 1
-    stranger = kube.Kubeconfig(f"https://127.0.0.1:{port}", TOKEN, None, False)
+    trusted = plugin_client.Kubeconfig(f"https://127.0.0.1:{port}", TOKEN, cert.read_bytes(), False)
+    assert len(agent_client.PodApi(lambda: trusted).list_pods(agent_client.Selectors()).items) == 1
+    stranger = plugin_client.Kubeconfig(f"https://127.0.0.1:{port}", TOKEN, None, False)
     with pytest.raises(errors.ApiError, match="CERTIFICATE_VERIFY_FAILED"):
-        kubeapi.PodApi(lambda: stranger).list_pods(kubeapi.Selectors())
+        agent_client.PodApi(lambda: stranger).list_pods(agent_client.Selectors())

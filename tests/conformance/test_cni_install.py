@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from meshnet.cni import conflist
+from meshnet.cni.install import conflist
 from meshnet.cni.install.config import Wait, create_cni_config_file, remove_cni_config
 from meshnet.cni.install.settings import Settings
 from meshnet.errors import InstallCancelled

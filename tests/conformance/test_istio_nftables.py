@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from meshnet import options
-from meshnet.cli import istio_iptables
+from meshnet.cli.app import istio_iptables
+from meshnet.config import options
 from meshnet.plan import nftables
 from meshnet.render import nft
 from tests.conftest import RAN

@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from meshnet.cni.pod import ANNOTATIONS, EXCLUDE_INBOUND, REROUTE
-from meshnet.flags import ALL_FLAGS, Flag
+from meshnet.cni.plugin.pod import ANNOTATIONS, EXCLUDE_INBOUND, REROUTE
+from meshnet.config.flags import ALL_FLAGS, Flag
 
 # iptables-restore lines smuggled through an IPv6 scope id (Python keeps `%...` verbatim).
 RESTORE_INJECTION = (
@@ -20,7 +20,7 @@ RESTORE_INJECTION = (
 @dataclass(frozen=True)
 class Case:
     name: str
-    key: str  # the option (meshnet.flags key) the value is given to
+    key: str  # the option (meshnet.config.flags key) the value is given to
     value: str
     extra: tuple[str, ...] = ()  # flags that make the option matter
     finding: int = 0  # the issue 10 finding it reproduces (0: an extra case)

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshnet import options
-from meshnet.backends.iptables import _check_restore_text
-from meshnet.cli import istio_iptables
-from meshnet.cni.pod import decide, origin_of
-from meshnet.environment import read_bounded
+from meshnet.apply.iptables_tool import _check_restore_text
+from meshnet.cli.app import istio_iptables
+from meshnet.cni.plugin.pod import decide, origin_of
+from meshnet.config import options
+from meshnet.config.flags import ALL_FLAGS
 from meshnet.errors import (
     BackendError,
     EnvironmentFactError,
@@ -24,9 +24,9 @@ from meshnet.errors import (
     OptionError,
     UnsafeTextError,
 )
-from meshnet.flags import ALL_FLAGS
-from meshnet.model import Rule
+from meshnet.host.system import read_bounded
 from meshnet.plan import iptables, nftables
+from meshnet.plan.model import Rule
 from meshnet.plan.nftables import NftChain, NftRule, NftRuleset, NftTable
 from meshnet.render import nft, restore
 from tests.cni.fakes import mesh_pod

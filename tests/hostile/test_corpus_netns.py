@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from meshnet import netns
-from meshnet.backends.iptables import IptablesRunner, describe
+from meshnet.apply.iptables_tool import IptablesRunner, describe
 from meshnet.errors import BackendError
+from meshnet.host import netns
 from tests.cni.fakes import FakeApi, cni_env, mesh_pod, run_plugin, write_kubeconfig
 from tests.hostile.corpus import (
     CASES,

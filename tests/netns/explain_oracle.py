@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
-from meshnet import explain, options, probe
-from meshnet.cli import istio_iptables
+from meshnet import explain
+from meshnet.cli.app import istio_iptables
+from meshnet.config import options
+from meshnet.explain import probe
 from meshnet.plan import iptables, nftables
 from tests.support.fakes import FakeSystem
 

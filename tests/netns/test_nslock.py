@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from meshnet import errors, netns, nslock
+from meshnet import errors
+from meshnet.host import netns, nslock
 from tests.netns.harness import require_root_netns
 
 pytestmark = pytest.mark.netns

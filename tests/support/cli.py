@@ -7,7 +7,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 
-from meshnet.flags import ENV_NAMES
+from meshnet.config.flags import ENV_NAMES
 
 # The arguments Istio's injector gives istio-init by default.
 STANDARD_ARGS = (

@@ -1,14 +1,14 @@
-"""Stand-ins for the host that `meshnet.options.build` asks: users, groups, addresses, files."""
+"""Stand-ins for the host that `options.build` asks: users, groups, addresses, files."""
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping, Sequence
 
-from meshnet import options
-from meshnet.cli import istio_iptables
-from meshnet.environment import IPAddress
-from meshnet.options import Options
+from meshnet.cli.app import istio_iptables
+from meshnet.config import options
+from meshnet.config.facts import IPAddress
+from meshnet.config.options import Options
 
 
 class FakeSystem:

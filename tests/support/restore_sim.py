@@ -7,13 +7,13 @@ the model's per-chain rule lists.
 
 from __future__ import annotations
 
-from meshnet import state
-from meshnet.model import HOOKS
-from meshnet.state import RuleKey
+from meshnet.plan.model import HOOKS
+from meshnet.state import iptables_save
+from meshnet.state.iptables_save import RuleKey
 
 
 def simulate_restore(text: str) -> dict[str, dict[str, list[RuleKey]]]:
-    """Apply one family's restore text (`-N`, `-A`, `-I C n`, `:C` lines) to an empty state.
+    """Apply one family's restore text (`-N`, `-A`, `-I C n`, `:C` lines) to an empty iptables_save.
 
     Raises ValueError, naming the line, for a chain declared twice, a rule in an undeclared
     non-builtin chain, an out-of-range insert, a line outside a table, or another command.
@@ -46,7 +46,7 @@ def _simulate_line(chains: dict[str, list[RuleKey]], line: str) -> None:
         else:
             _declare(chains, name)
         return
-    tokens = state.split_rule(line)
+    tokens = iptables_save.split_rule(line)
     command = tokens[0]
     if command in ("-N", "--new") and len(tokens) == 2:
         _declare(chains, tokens[1])
@@ -83,17 +83,17 @@ def _insert(chains: dict[str, list[RuleKey]], tokens: list[str]) -> None:
     rules.insert(position - 1, (chain, *rest))
 
 
-def state_from_restore(text: str) -> state.State:
+def state_from_restore(text: str) -> iptables_save.State:
     """The State that applying `text` to an empty namespace yields (`-I` positions resolved).
 
     Rules keep the restore text's spelling, so compare this with other unapplied text, not
     with iptables-save output.
     """
-    tables: dict[str, dict[str, list[str]]] = {name: {} for name in state.STATE_TABLES}
+    tables: dict[str, dict[str, list[str]]] = {name: {} for name in iptables_save.STATE_TABLES}
     for table, chains in simulate_restore(text).items():
         if table not in tables:
             continue
         for chain, rules in chains.items():
             if rules or chain.startswith("ISTIO"):
-                tables[table][chain] = [state.rule_line(rule) for rule in rules]
-    return state.from_tables(tables)
+                tables[table][chain] = [iptables_save.rule_line(rule) for rule in rules]
+    return iptables_save.from_tables(tables)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from meshnet import netns
+from meshnet.host import netns
 
 _TIMEOUT = 30
 _HERE = Path(__file__).parent

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from meshnet import netns, proc, routes
-from meshnet.backends.iptables import LOCK_WAIT_FLAG, IptablesRunner, detect
+from meshnet.apply import routes
+from meshnet.apply.iptables_tool import LOCK_WAIT_FLAG, IptablesRunner, detect
 from meshnet.errors import BackendError, NamespaceError, RouteError
-from meshnet.state import diff_states, parse_save, verify_state
+from meshnet.host import netns, proc
+from meshnet.state.iptables_save import diff_states, parse_save, verify_state
 from tests.support.netstate import normalize_save
 
 Exec = Callable[..., subprocess.CompletedProcess[str]]

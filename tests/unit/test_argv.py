@@ -1,4 +1,4 @@
-"""meshnet.argv reads a command line as click does, or leaves it to click."""
+"""meshnet.cli.argv reads a command line as click does, or leaves it to click."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshnet import argv
-from meshnet.cli import istio_iptables, verify
-from meshnet.flags import EXTENSIONS, ISTIO_FLAGS, LOG_FLAGS
+from meshnet.cli import argv
+from meshnet.cli.app import istio_iptables, verify
+from meshnet.config.flags import EXTENSIONS, ISTIO_FLAGS, LOG_FLAGS
 from tests.support.cli import STANDARD_ARGS, meshnet
 
 FLAGS = ISTIO_FLAGS + EXTENSIONS + LOG_FLAGS

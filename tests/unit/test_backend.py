@@ -7,10 +7,11 @@ from collections.abc import Callable
 
 import pytest
 
-from meshnet import backend, engine, nftengine, options
-from meshnet.backend import Action, Assessment, Decision, Request, decide
+from meshnet.apply import backend, iptables_engine, nft_engine
+from meshnet.apply.backend import Action, Assessment, Decision, Request, decide
+from meshnet.config import options
+from meshnet.config.options import Options
 from meshnet.errors import BackendError, DriftError, ReadBackError
-from meshnet.options import Options
 from tests.support import STANDARD_ARGS, meshnet
 from tests.support.fakes import FakeSystem
 
@@ -142,13 +143,13 @@ class Engines:
         self.applied: list[str] = []
         self._drift = drift
         read_backs = iter([list(drift)])  # then in sync: the apply took
-        monkeypatch.setattr(nftengine, "Nft", FakeNft)
-        monkeypatch.setattr(nftengine, "compare", lambda ruleset, live: next(read_backs, []))
-        monkeypatch.setattr(nftengine.routes, "configure_for", lambda o: None)
-        monkeypatch.setattr(engine, "families", lambda o, ruleset: [])
-        monkeypatch.setattr(engine, "assess", self._assess)
-        monkeypatch.setattr(engine, "_apply_all_or_nothing", self._record)
-        monkeypatch.setattr(engine.routes, "configure_for", lambda o: None)
+        monkeypatch.setattr(nft_engine, "Nft", FakeNft)
+        monkeypatch.setattr(nft_engine, "compare", lambda ruleset, live: next(read_backs, []))
+        monkeypatch.setattr(nft_engine.routes, "configure_for", lambda o: None)
+        monkeypatch.setattr(iptables_engine, "families", lambda o, ruleset: [])
+        monkeypatch.setattr(iptables_engine, "assess", self._assess)
+        monkeypatch.setattr(iptables_engine, "_apply_all_or_nothing", self._record)
+        monkeypatch.setattr(iptables_engine.routes, "configure_for", lambda o: None)
 
     def _assess(self, plans: object) -> Assessment:
         return Assessment(True, bool(self._drift), True, self._drift)
@@ -207,8 +208,8 @@ def test_nft_read_back_mismatch_is_a_read_back_error_and_rolls_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     drift = iter([["nat: missing chain output"], ["nat: missing chain output"], []])
-    monkeypatch.setattr(nftengine, "Nft", FakeNft)
-    monkeypatch.setattr(nftengine, "compare", lambda ruleset, live: next(drift))
+    monkeypatch.setattr(nft_engine, "Nft", FakeNft)
+    monkeypatch.setattr(nft_engine, "compare", lambda ruleset, live: next(drift))
     chosen = backend.NftablesBackend.from_options(opts("--native-nftables", "--reconcile"))
     with pytest.raises(ReadBackError, match="nftables rules read back differ"):
         chosen.program()
@@ -226,9 +227,9 @@ class EmptySave:
 
 def test_iptables_read_back_mismatch_is_a_read_back_error() -> None:
     ruleset = backend.IptablesBackend.from_options(opts()).ruleset
-    plan = engine.FamilyPlan("ipv4", EmptySave(), ruleset.ipv4)
+    plan = iptables_engine.FamilyPlan("ipv4", EmptySave(), ruleset.ipv4)
     with pytest.raises(ReadBackError, match="ipv4 rules read back differ") as raised:
-        engine._read_back([plan])
+        iptables_engine._read_back([plan])
     assert isinstance(raised.value, BackendError)
 
 

@@ -10,9 +10,9 @@ from itertools import pairwise
 
 import pytest
 
-from meshnet.cleanup import cleanup_commands
-from meshnet.model import PREDEFINED, Rule
 from meshnet.plan import iptables
+from meshnet.plan.cleanup import cleanup_commands
+from meshnet.plan.model import PREDEFINED, Rule
 from meshnet.render import restore, transcript
 from tests.support.cli import STANDARD_ARGS, restore_blocks
 from tests.support.fakes import options_from_argv

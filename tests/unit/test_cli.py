@@ -9,7 +9,7 @@ import re
 import pytest
 
 from meshnet.cni.install.settings import ENV_OPTIONS
-from meshnet.options import OUTPUT_FORMATS
+from meshnet.config.options import OUTPUT_FORMATS
 from tests.support.cli import STANDARD_ARGS, meshnet
 from tests.support.repo import REPO
 

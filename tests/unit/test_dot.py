@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from meshnet.model import Ruleset
 from meshnet.plan import iptables, ir, nftables
+from meshnet.plan.model import Ruleset
 from meshnet.plan.nftables import NftRuleset
 from meshnet.render import dot
 from tests.support.fakes import options_from_argv

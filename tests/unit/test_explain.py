@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshnet import explain, options, probe
+from meshnet import explain
+from meshnet.config import options
 from meshnet.errors import OptionError
-from meshnet.explain import conditions
+from meshnet.explain import conditions, probe
 from meshnet.plan import iptables, ir, nftables
 from tests.support.cli import meshnet
 from tests.support.fakes import FakeSystem

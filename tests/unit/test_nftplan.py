@@ -15,9 +15,9 @@ from contextlib import contextmanager
 import pytest
 from hypothesis import given, settings
 
-from meshnet import options
-from meshnet.cli import istio_iptables
-from meshnet.options import Options
+from meshnet.cli.app import istio_iptables
+from meshnet.config import options
+from meshnet.config.options import Options
 from meshnet.plan import nftables
 from meshnet.plan.nftables import IPV4_ONLY, MANGLE, NAT, RAW, NftRule, NftRuleset
 from meshnet.render import nft

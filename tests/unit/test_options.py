@@ -6,9 +6,9 @@ from collections.abc import Mapping
 
 import pytest
 
-from meshnet import options
+from meshnet.config import options
+from meshnet.config.options import Options
 from meshnet.errors import EnvironmentFactError, OptionError
-from meshnet.options import Options
 from tests.support.cli import meshnet
 from tests.support.fakes import FakeSystem
 
@@ -222,7 +222,7 @@ def test_bool_flag_forms() -> None:
 
 
 def test_help_lists_every_istio_flag_with_short_letter_env_and_default() -> None:
-    from meshnet.flags import ISTIO_FLAGS
+    from meshnet.config.flags import ISTIO_FLAGS
 
     text = " ".join(meshnet(["istio-iptables", "--help"]).stdout.split())
     for flag in ISTIO_FLAGS:

@@ -6,9 +6,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshnet import options
-from meshnet.model import Family, Ruleset
+from meshnet.config import options
 from meshnet.plan import iptables
+from meshnet.plan.model import Family, Ruleset
 from meshnet.render import restore, transcript
 from tests.support.cli import restore_blocks
 from tests.support.fakes import FakeSystem

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from meshnet.cni.plugin import Call, k8s_args, require_env, respond
+from meshnet.cni.plugin.main import Call, k8s_args, require_env, respond
 from meshnet.errors import CniError
 
 VERSION_OUTPUT = """\

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from meshnet import options
-from meshnet.cni.pod import PodDecision, decide, origin_of
+from meshnet.cni.plugin.pod import PodDecision, decide, origin_of
+from meshnet.config import options
+from meshnet.config.options import Options
 from meshnet.errors import OptionError
-from meshnet.options import Options
 from tests.support.fakes import FakeSystem
 
 STATUS = {"sidecar.istio.io/status": "{}"}

@@ -1,4 +1,4 @@
-"""meshnet.state: GetStateFromSave, VerifyIptablesState, the restore simulator, the diff."""
+"""state.iptables_save: GetStateFromSave, VerifyIptablesState, the restore simulator, the diff."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshnet.state import (
+from meshnet.state.iptables_save import (
     State,
     check_commands,
     combine,

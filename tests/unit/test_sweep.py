@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meshnet.sweep import Removal, removal_text
+from meshnet.apply.sweep import Removal, removal_text
 
 # iptables-save of a TPROXY pod (as both variants spell it) next to rules of another owner.
 SAVE = """\

@@ -1,5 +1,5 @@
 """Our entry in the node's CNI config: create or merge it, check it, remove it, restore the
-user's original. The JSON merge itself is `meshnet.cni.conflist`; this module does the files.
+user's original. The JSON merge itself is `conflist`; this module does the files.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from meshnet import logs
-from meshnet.cni import conflist
+from meshnet.cni.install import conflist
 from meshnet.cni.install.files import atomic_write
 from meshnet.cni.install.settings import Settings
 from meshnet.errors import InstallCancelled, InstallError

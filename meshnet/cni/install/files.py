@@ -11,8 +11,8 @@ import tempfile
 from pathlib import Path
 
 from meshnet import logs
-from meshnet.cni import kubeconfig
 from meshnet.cni.install.settings import Settings
+from meshnet.cni.kube import kubeconfig
 from meshnet.errors import InstallError
 
 

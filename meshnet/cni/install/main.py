@@ -11,10 +11,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from meshnet import logs
-from meshnet.cni import kube, kubeapi, metrics, repair
+from meshnet.cni import metrics, repair
 from meshnet.cni.install.http import serve_metrics, serve_readiness
 from meshnet.cni.install.installer import Installer
 from meshnet.cni.install.settings import ENV_OPTIONS, Settings
+from meshnet.cni.kube import agent_client, plugin_client
 from meshnet.errors import InstallError, MeshnetError
 
 if TYPE_CHECKING:
@@ -50,7 +51,9 @@ def start_repair(settings: Settings) -> repair.Controller | None:
         )
         return None
     path = str(settings.kubeconfig_path)
-    controller = repair.Controller(options, kubeapi.PodApi(lambda: kube.load_kubeconfig(path)))
+    controller = repair.Controller(
+        options, agent_client.PodApi(lambda: plugin_client.load_kubeconfig(path))
+    )
     controller.start()
     return controller
 

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshnet.cni import conflist, kubeconfig, repair
+from meshnet.cni import repair
+from meshnet.cni.install import conflist
+from meshnet.cni.kube import kubeconfig
 from meshnet.errors import OptionError
 
 DEFAULT_PLUGIN_NAME = "meshnet-cni"

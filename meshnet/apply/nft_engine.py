@@ -1,0 +1,212 @@
+"""The engine for --native-nftables: the same decisions as `engine`, on three inet tables.
+
+A transaction replaces meshnet's tables atomically, so there is no rollback of half-applied
+rules to do: nft applies all of it or none of it. Live tables are compared with the plan after
+nft itself has printed both (`nft list table`), the plan having been applied in a private,
+empty namespace, so spelling never causes false drift.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from meshnet import logs
+from meshnet.apply import routes
+from meshnet.apply.backend import FORCED, Action, Assessment, Request, decide
+from meshnet.apply.nft_tool import Nft
+from meshnet.config.options import Options
+from meshnet.errors import DriftError, MeshnetError, NamespaceError, ReadBackError
+from meshnet.host import netns, nslock
+from meshnet.plan.nftables import TABLES, NftRuleset
+from meshnet.render import nft as render
+
+Listing = dict[str, list[str]]  # chain -> its lines, as `nft list table` prints them
+_COUNTER = re.compile(r"counter packets \d+ bytes \d+")
+
+
+def program(opts: Options, ruleset: NftRuleset) -> None:
+    """Apply, reconcile, or do nothing; clean with --cleanup-only (one writer per namespace:
+    the lock is held from the state check to the routes and the read-back)."""
+    with nslock.held():
+        _program(opts, ruleset)
+
+
+def _program(opts: Options, ruleset: NftRuleset) -> None:
+    nft = Nft(cni_mode=opts.cni_mode)
+    nft.require()
+    decision = decide(Request.of(opts), lambda: assess(ruleset, _live(nft)))
+    if decision.action is Action.CLEAN:
+        clean(opts, nft)
+    elif decision.action is Action.NOOP:
+        logs.get().info("nftables rules already in place; nothing to apply")
+        routes.configure_for(opts)
+    elif decision.action is Action.DRIFT:
+        raise DriftError(
+            f"existing nftables rules differ from the plan: {'; '.join(decision.drift[:5])}. "
+            "Re-run with --reconcile to replace them"
+        )
+    else:
+        if decision.forced:
+            logs.get().warning(FORCED)
+        _apply(opts, nft, ruleset)  # a transaction replaces the tables: reconciling is applying
+
+
+def assess(ruleset: NftRuleset, live: dict[str, Listing | None]) -> Assessment:
+    """Only meshnet's own tables are read, so any residue is ours."""
+    drift = compare(ruleset, live)
+    present = any(live.values())
+    return Assessment(residue=present, delta=bool(drift), ours_present=present, drift=tuple(drift))
+
+
+def _apply(opts: Options, nft: Nft, ruleset: NftRuleset) -> None:
+    previous = {table: nft.list_table(table) for table in TABLES}
+    live = {table: _parse(listing) for table, listing in previous.items()}
+    nft.apply(_replacing(live) + render.render(ruleset))
+    try:
+        drift = compare(ruleset, _live(nft))
+        if drift:
+            raise ReadBackError(
+                "nftables rules read back differ from the plan: " + "; ".join(drift[:5])
+            )
+        routes.configure_for(opts)
+    except MeshnetError:
+        nft.apply(_replacing(_live(nft)) + "".join(t for t in previous.values() if t))
+        logs.get().warning("rolled back the nftables tables")
+        raise
+    logs.get().info("applied nftables rules", tables=[t.name for t in ruleset.tables])
+
+
+def _replacing(live: Mapping[str, object]) -> str:
+    """Delete meshnet's existing tables first (Istio's add+flush keeps stale empty chains)."""
+    return "".join(f"add table inet {t}\ndelete table inet {t}\n" for t, v in live.items() if v)
+
+
+def remove(opts: Options) -> None:
+    """--cleanup-only's removal on its own (one writer per namespace)."""
+    nft = Nft(cni_mode=opts.cni_mode)
+    nft.require()
+    with nslock.held():
+        clean(opts, nft)
+
+
+def clean(opts: Options, nft: Nft) -> None:
+    """Delete meshnet's three tables (nothing else), then the routes meshnet added."""
+    remove_tables(nft)
+    routes.remove_for(opts)
+
+
+def remove_tables(nft: Nft) -> None:
+    with nslock.held():
+        _remove_tables(nft)
+
+
+def _remove_tables(nft: Nft) -> None:
+    present = {table: listing for table, listing in _live(nft).items() if listing is not None}
+    if present:
+        nft.apply(_replacing(present))
+        logs.get().info("removed nftables tables", tables=sorted(present))
+
+
+def verify(opts: Options, ruleset: NftRuleset) -> list[str]:
+    """Differences in the tables, the TPROXY ip rules and routes and ::6 (empty: in sync)."""
+    nft = Nft(cni_mode=opts.cni_mode)
+    nft.require()
+    with nslock.held():  # a running apply is waited for, not seen half done
+        return compare(ruleset, _live(nft)) + routes.differences_for(opts)
+
+
+def compare(ruleset: NftRuleset, live: dict[str, Listing | None]) -> list[str]:
+    """Differences between live tables and the plan (empty: in sync)."""
+    try:
+        return diff(_expected(ruleset), live)
+    except NamespaceError as err:
+        # No CAP_SYS_ADMIN (an init container): compare chains, sets and rule counts.
+        logs.get().debug("comparing nftables rule counts instead", reason=str(err))
+        return diff_counts(ruleset, live)
+
+
+def diff_counts(ruleset: NftRuleset, live: dict[str, Listing | None]) -> list[str]:
+    planned = ruleset.chains()
+    lines: list[str] = []
+    for table in TABLES:
+        plan_table = ruleset.table(table)
+        have = live.get(table)
+        if plan_table is None or have is None:
+            if (plan_table is None) != (have is None):
+                lines.append(f"{'unexpected' if plan_table is None else 'missing'} table {table}")
+            continue
+        want = {name: len(rules) for name, rules in planned.get(table, {}).items()}
+        want.update({f"set {s.name}": -1 for s in plan_table.sets})
+        lines += [f"{table}: missing {name}" for name in want if name not in have]
+        lines += [f"{table}: unexpected {name}" for name in have if name not in want]
+        lines += [
+            f"{table} {name}: {len(have[name])} rules, {count} planned"
+            for name, count in want.items()
+            if count >= 0 and name in have and len(have[name]) != count + _header(have, name)
+        ]
+    return lines
+
+
+def _header(have: Listing, name: str) -> int:
+    """Base chains list their `type ... hook ...` line before the rules."""
+    return 1 if have[name] and have[name][0].startswith("type ") else 0
+
+
+def _live(nft: Nft) -> dict[str, Listing | None]:
+    return {table: _parse(nft.list_table(table)) for table in TABLES}
+
+
+def _expected(ruleset: NftRuleset) -> dict[str, Listing | None]:
+    """The plan as nft prints it, from a private namespace that is gone afterwards."""
+
+    def apply_and_list() -> dict[str, Listing | None]:
+        nft = Nft()
+        nft.apply(render.render(ruleset))
+        return _live(nft)
+
+    return netns.run_isolated(apply_and_list)
+
+
+def _parse(listing: str | None) -> Listing | None:
+    if listing is None:
+        return None
+    chains: Listing = {}
+    current: list[str] | None = None
+    for raw in listing.splitlines():
+        line = _COUNTER.sub("counter", raw.strip())
+        if line.startswith(("chain ", "set ")):  # sets (--cidr-sets) are compared too
+            kind, name = line.split()[:2]
+            current = chains.setdefault(name if kind == "chain" else f"set {name}", [])
+        elif line == "}":
+            current = None
+        elif current is not None and line:
+            current.append(line)
+    return chains
+
+
+def diff(expected: dict[str, Listing | None], live: dict[str, Listing | None]) -> list[str]:
+    """Readable differences, per table and chain."""
+    lines: list[str] = []
+    for table in TABLES:
+        want, have = expected.get(table), live.get(table)
+        if want is None and have is not None:
+            lines.append(f"unexpected table inet {table}")
+        elif want is not None and have is None:
+            lines.append(f"missing table inet {table}")
+        elif want is not None and have is not None:
+            lines += _diff_table(table, want, have)
+    return lines
+
+
+def _diff_table(table: str, want: Listing, have: Listing) -> list[str]:
+    lines = [f"{table}: missing chain {c}" for c in want if c not in have]
+    lines += [f"{table}: unexpected chain {c}" for c in have if c not in want]
+    for chain in (c for c in want if c in have):
+        missing = [r for r in want[chain] if r not in have[chain]]
+        extra = [r for r in have[chain] if r not in want[chain]]
+        lines += [f"{table} {chain}: missing rule: {r}" for r in missing]
+        lines += [f"{table} {chain}: unexpected rule: {r}" for r in extra]
+        if not missing and not extra and want[chain] != have[chain]:
+            lines.append(f"{table} {chain}: rules out of order")
+    return lines
