@@ -1,2 +1,4 @@
-"""The only writers: the two engines (`iptables_engine`, `nft_engine`) behind one
-`Backend` (`backend`), the tools they drive, ipsets, policy routes, and the sweep."""
+"""The only writers. `backend` chooses between the two engines (`iptables_engine`,
+`nft_engine`) and makes the one decision they share; they drive the tools (`iptables_tool`,
+`nft_tool`, `ipset`) and the TPROXY policy routes (`routes`); `sweep` removes whatever meshnet
+or Istio installed."""

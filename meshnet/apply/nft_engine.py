@@ -8,7 +8,6 @@ empty namespace, so spelling never causes false drift.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 from meshnet import logs
@@ -20,9 +19,8 @@ from meshnet.errors import DriftError, MeshnetError, NamespaceError, ReadBackErr
 from meshnet.host import netns, nslock
 from meshnet.plan.nftables import TABLES, NftRuleset
 from meshnet.render import nft as render
-
-Listing = dict[str, list[str]]  # chain -> its lines, as `nft list table` prints them
-_COUNTER = re.compile(r"counter packets \d+ bytes \d+")
+from meshnet.state import nft_listing
+from meshnet.state.nft_listing import Listing
 
 
 def program(opts: Options, ruleset: NftRuleset) -> None:
@@ -61,7 +59,7 @@ def assess(ruleset: NftRuleset, live: dict[str, Listing | None]) -> Assessment:
 
 def _apply(opts: Options, nft: Nft, ruleset: NftRuleset) -> None:
     previous = {table: nft.list_table(table) for table in TABLES}
-    live = {table: _parse(listing) for table, listing in previous.items()}
+    live = {table: nft_listing.parse(listing) for table, listing in previous.items()}
     nft.apply(_replacing(live) + render.render(ruleset))
     try:
         drift = compare(ruleset, _live(nft))
@@ -119,42 +117,15 @@ def verify(opts: Options, ruleset: NftRuleset) -> list[str]:
 def compare(ruleset: NftRuleset, live: dict[str, Listing | None]) -> list[str]:
     """Differences between live tables and the plan (empty: in sync)."""
     try:
-        return diff(_expected(ruleset), live)
+        return nft_listing.diff(_expected(ruleset), live)
     except NamespaceError as err:
         # No CAP_SYS_ADMIN (an init container): compare chains, sets and rule counts.
         logs.get().debug("comparing nftables rule counts instead", reason=str(err))
-        return diff_counts(ruleset, live)
-
-
-def diff_counts(ruleset: NftRuleset, live: dict[str, Listing | None]) -> list[str]:
-    planned = ruleset.chains()
-    lines: list[str] = []
-    for table in TABLES:
-        plan_table = ruleset.table(table)
-        have = live.get(table)
-        if plan_table is None or have is None:
-            if (plan_table is None) != (have is None):
-                lines.append(f"{'unexpected' if plan_table is None else 'missing'} table {table}")
-            continue
-        want = {name: len(rules) for name, rules in planned.get(table, {}).items()}
-        want.update({f"set {s.name}": -1 for s in plan_table.sets})
-        lines += [f"{table}: missing {name}" for name in want if name not in have]
-        lines += [f"{table}: unexpected {name}" for name in have if name not in want]
-        lines += [
-            f"{table} {name}: {len(have[name])} rules, {count} planned"
-            for name, count in want.items()
-            if count >= 0 and name in have and len(have[name]) != count + _header(have, name)
-        ]
-    return lines
-
-
-def _header(have: Listing, name: str) -> int:
-    """Base chains list their `type ... hook ...` line before the rules."""
-    return 1 if have[name] and have[name][0].startswith("type ") else 0
+        return nft_listing.diff_counts(ruleset, live)
 
 
 def _live(nft: Nft) -> dict[str, Listing | None]:
-    return {table: _parse(nft.list_table(table)) for table in TABLES}
+    return {table: nft_listing.parse(nft.list_table(table)) for table in TABLES}
 
 
 def _expected(ruleset: NftRuleset) -> dict[str, Listing | None]:
@@ -166,47 +137,3 @@ def _expected(ruleset: NftRuleset) -> dict[str, Listing | None]:
         return _live(nft)
 
     return netns.run_isolated(apply_and_list)
-
-
-def _parse(listing: str | None) -> Listing | None:
-    if listing is None:
-        return None
-    chains: Listing = {}
-    current: list[str] | None = None
-    for raw in listing.splitlines():
-        line = _COUNTER.sub("counter", raw.strip())
-        if line.startswith(("chain ", "set ")):  # sets (--cidr-sets) are compared too
-            kind, name = line.split()[:2]
-            current = chains.setdefault(name if kind == "chain" else f"set {name}", [])
-        elif line == "}":
-            current = None
-        elif current is not None and line:
-            current.append(line)
-    return chains
-
-
-def diff(expected: dict[str, Listing | None], live: dict[str, Listing | None]) -> list[str]:
-    """Readable differences, per table and chain."""
-    lines: list[str] = []
-    for table in TABLES:
-        want, have = expected.get(table), live.get(table)
-        if want is None and have is not None:
-            lines.append(f"unexpected table inet {table}")
-        elif want is not None and have is None:
-            lines.append(f"missing table inet {table}")
-        elif want is not None and have is not None:
-            lines += _diff_table(table, want, have)
-    return lines
-
-
-def _diff_table(table: str, want: Listing, have: Listing) -> list[str]:
-    lines = [f"{table}: missing chain {c}" for c in want if c not in have]
-    lines += [f"{table}: unexpected chain {c}" for c in have if c not in want]
-    for chain in (c for c in want if c in have):
-        missing = [r for r in want[chain] if r not in have[chain]]
-        extra = [r for r in have[chain] if r not in want[chain]]
-        lines += [f"{table} {chain}: missing rule: {r}" for r in missing]
-        lines += [f"{table} {chain}: unexpected rule: {r}" for r in extra]
-        if not missing and not extra and want[chain] != have[chain]:
-            lines.append(f"{table} {chain}: rules out of order")
-    return lines

@@ -46,7 +46,7 @@ SO_ORIGINAL_DST = 80
 
 
 @dataclass(frozen=True, slots=True)
-class Probe:
+class Connection:
     source: str  # "pod" or "peer"
     uid: int
     dst: str
@@ -59,16 +59,16 @@ class Probe:
         return 6 if ":" in self.dst else 4
 
 
-def _probes() -> list[Probe]:
-    probes: list[Probe] = []
+def _probes() -> list[Connection]:
+    probes: list[Connection] = []
     for v in (4, 6):
         probes += [
-            Probe("pod", 1000, PEER[v], 80, "proxy:15001", "app → peer: captured (outbound)"),
-            Probe("pod", 1337, PEER[v], 80, "peer:80", "proxy's own traffic: direct"),
-            Probe("peer", 0, POD[v], 8080, "proxy:15006", "peer → app: captured (inbound)"),
-            Probe("peer", 0, POD[v], 15021, "health:15021", "health port: excluded by -d"),
-            Probe("pod", 1000, LOOPBACK[v], 8080, "app:8080", "loopback: not captured"),
-            Probe("pod", 1337, POD[v], 8080, "proxy:15006", "proxy → own pod IP: inbound"),
+            Connection("pod", 1000, PEER[v], 80, "proxy:15001", "app → peer: captured (outbound)"),
+            Connection("pod", 1337, PEER[v], 80, "peer:80", "proxy's own traffic: direct"),
+            Connection("peer", 0, POD[v], 8080, "proxy:15006", "peer → app: captured (inbound)"),
+            Connection("peer", 0, POD[v], 15021, "health:15021", "health port: excluded by -d"),
+            Connection("pod", 1000, LOOPBACK[v], 8080, "app:8080", "loopback: not captured"),
+            Connection("pod", 1337, POD[v], 8080, "proxy:15006", "proxy → own pod IP: inbound"),
         ]
     return probes
 
@@ -198,7 +198,7 @@ def _port(raw: bytes) -> int:
     return value
 
 
-def _run_probe(probe: Probe, pod: str, peer: str) -> tuple[Probe, str, str]:
+def _run_probe(probe: Connection, pod: str, peer: str) -> tuple[Connection, str, str]:
     family = socket.AF_INET6 if probe.family == 6 else socket.AF_INET
     with netns.entered(pod if probe.source == "pod" else peer), _as_user(probe.uid):
         client = socket.socket(family, socket.SOCK_STREAM)  # -m owner sees the creator
@@ -226,7 +226,7 @@ def _as_user(uid: int) -> Iterator[None]:
         os.setegid(0)
 
 
-def _print_table(rows: list[tuple[Probe, str, str]]) -> None:
+def _print_table(rows: list[tuple[Connection, str, str]]) -> None:
     header = ("from", "uid", "to", "landed at", "original dst", "", "why")
     table = [header] + [
         (

@@ -86,7 +86,7 @@ def run_istio_iptables(given: Mapping[str, str | None], environ: Mapping[str, st
         if opts.run_validation:
             from meshnet.host import capture_check
 
-            capture_check.run(opts)
+            capture_check.check(opts)
 
 
 def run_clean(given: Mapping[str, str | None], environ: Mapping[str, str]) -> None:
@@ -129,7 +129,7 @@ def run_validate(given: Mapping[str, str | None], environ: Mapping[str, str]) ->
     from meshnet.host import capture_check
 
     with prepared(given, environ) as (opts, _ruleset):
-        capture_check.run(opts)
+        capture_check.check(opts)
 
 
 def run_explain(

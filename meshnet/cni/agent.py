@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshnet import logs
-from meshnet.cni.pool import Hook, Job, Pool, _error, _pod_of
-from meshnet.cni.wire import ACK, Request, _reply_bytes, read_request
+from meshnet.cni.pool import Hook, Job, Pool, error_reply, pod_of
+from meshnet.cni.wire import ACK, Request, read_request, reply_bytes
 from meshnet.errors import AgentError, MeshnetError, OptionError
 from meshnet.host import netns
 
@@ -207,18 +207,18 @@ class Agent:
             logs.get().error(
                 "cni request exceeded its deadline",
                 command=request.command,
-                pod=_pod_of(request.env),
+                pod=pod_of(request.env),
                 container=job.container,
                 deadline=self.settings.deadline,
             )
         else:
             output, code = job.output, job.code
         conn.settimeout(READ_TIMEOUT)
-        conn.sendall(_reply_bytes(code, output))
+        conn.sendall(reply_bytes(code, output))
 
 
 def _deadline_error(request: Request, deadline: float) -> tuple[str, int]:
-    return _error(
+    return error_reply(
         request, f"{request.command} did not finish within its deadline of {deadline:g} s"
     )
 

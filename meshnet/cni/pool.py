@@ -105,7 +105,7 @@ class Pool:
             try:
                 job.output, job.code = main.respond(job.request.stdin, job.request.env)
             except BaseException as err:  # respond() catches Exception; keep the worker anyway
-                job.output, job.code = _error(job.request, f"agent worker failed: {err!r}")
+                job.output, job.code = error_reply(job.request, f"agent worker failed: {err!r}")
             seconds = time.monotonic() - job.taken
             job.done.set()
             depth = self._finish(job)
@@ -113,7 +113,7 @@ class Pool:
             self._run_hooks(
                 Finished(
                     job.request.command,
-                    _pod_of(job.request.env),
+                    pod_of(job.request.env),
                     job.container,
                     job.code,
                     seconds,
@@ -147,7 +147,7 @@ class Pool:
                 logs.get().error("request hook failed", hook=repr(hook), error=repr(err))
 
 
-def _pod_of(env: Mapping[str, str]) -> str:
+def pod_of(env: Mapping[str, str]) -> str:
     pairs = dict(item.partition("=")[::2] for item in env.get("CNI_ARGS", "").split(";") if item)
     namespace, name = pairs.get("K8S_POD_NAMESPACE", ""), pairs.get("K8S_POD_NAME", "")
     return f"{namespace}/{name}" if name else ""
@@ -157,7 +157,7 @@ def _log_done(job: Job, seconds: float, depth: int) -> None:
     logs.get().info(
         "cni request done",
         command=job.request.command,
-        pod=_pod_of(job.request.env),
+        pod=pod_of(job.request.env),
         container=job.container,
         exit_code=job.code,
         seconds=round(seconds, 4),
@@ -166,7 +166,7 @@ def _log_done(job: Job, seconds: float, depth: int) -> None:
     )
 
 
-def _error(request: Request, what: str) -> tuple[str, int]:
+def error_reply(request: Request, what: str) -> tuple[str, int]:
     """A CNI error document in the call's config version, as the plugin prints one."""
     try:
         version = str(json.loads(request.stdin).get("cniVersion", "1.1.0"))

@@ -85,6 +85,6 @@ class _Reader:
         return b"".join(chunks)
 
 
-def _reply_bytes(code: int, stdout: str) -> bytes:
+def reply_bytes(code: int, stdout: str) -> bytes:
     data = stdout.encode()
     return struct.pack(">II", code, len(data)) + data

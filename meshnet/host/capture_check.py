@@ -44,7 +44,7 @@ def failure_message(opts: Options, target: str, identity: str) -> str:
     )
 
 
-def run(opts: Options) -> None:
+def check(opts: Options) -> None:
     """Serve, probe once a second, and succeed when a probe arrives captured."""
     ipv6 = _host_is_ipv6(opts)
     listen, target = ("::1", "::6") if ipv6 else ("127.0.0.1", "127.0.0.6")

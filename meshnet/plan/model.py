@@ -1,4 +1,5 @@
-"""The rule model: what the planner produces and every renderer, check and diff consumes.
+"""The iptables rule model: what the iptables lowering produces and every renderer, check and
+diff consumes.
 
 A Ruleset keeps, per address family, the rules in the order Istio's builder emits them. That
 order is observable (it is the restore text, byte for byte), so it is the primary data; the
