@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from meshnet import logs
@@ -34,14 +34,21 @@ GUARDRAILS = tuple(
 )
 
 
-@dataclass(frozen=True)  # no slots: cached_property keeps the tool outputs read once
+@dataclass(frozen=True)  # no slots: cached_property keeps the restore text built once
 class FamilyPlan:
-    """One family: its runner (None when ip6tables is unusable and IPv6 is off) and rules."""
+    """One family: its runner (None when ip6tables is unusable and IPv6 is off) and rules.
+
+    What needs the tools (the plan canonicalised by iptables, the save before any change) is
+    asked for by the methods that say so, and each is read once (`_read`).
+    """
 
     family: Family
     runner: IptablesRunner | None
     rules: tuple[Rule, ...]
     sets: tuple[IpSet, ...] = ()
+    _read: dict[str, iptables_save.State | str | None] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @cached_property
     def text(self) -> str:
@@ -53,14 +60,20 @@ class FamilyPlan:
             raise BackendError(f"no usable {self.family} iptables binary")
         return self.runner
 
-    @cached_property
-    def canonical(self) -> iptables_save.State | None:
-        """The plan as iptables-save would print it once applied.
+    def read_canonical(self) -> iptables_save.State | None:
+        """The plan as iptables-save would print it once applied (iptables-restore and
+        iptables-save in a private namespace, run once).
 
         None when no private namespace can be made: an init container has NET_ADMIN and
         NET_RAW but not the CAP_SYS_ADMIN that unshare needs. Comparisons then use Istio's
         method (rule counts and `iptables -C`), which cannot see the order of rules.
         """
+        if "canonical" not in self._read:
+            self._read["canonical"] = self._canonicalize()
+        found = self._read["canonical"]
+        return found if isinstance(found, iptables_save.State) else None
+
+    def _canonicalize(self) -> iptables_save.State | None:
         if not self.rules:
             return iptables_save.parse_save("")
         prepare = (lambda: ipset.load(self.sets)) if self.sets else None
@@ -72,7 +85,7 @@ class FamilyPlan:
 
     def differences(self, current: iptables_save.State) -> list[str]:
         """Readable differences between the live state and this plan (empty: in sync)."""
-        expected = self.canonical
+        expected = self.read_canonical()
         if expected is not None:
             lines = iptables_save.diff_states(expected, current)
         else:
@@ -85,16 +98,14 @@ class FamilyPlan:
         for table, chains in iptables_save.parse_save(self.text).tables.items():
             for chain, rules in chains.items():
                 if not chain.startswith("ISTIO"):
-                    missing = iptables_save.jump_targets(rules) - iptables_save.jump_targets(
-                        current.rules(table, chain)
-                    )
+                    have = iptables_save.jump_targets(current.rules(table, chain))
+                    missing = iptables_save.jump_targets(rules) - have
                     lines += [f"{table} {chain}: missing jump to {t}" for t in sorted(missing)]
         return lines
 
     def _chain_differences(self, current: iptables_save.State) -> list[str]:
-        planned = iptables_save.parse_save(
-            self.text
-        )  # restore spelling: chain names and counts only
+        # The restore text's spelling: only chain names and rule counts are compared.
+        planned = iptables_save.parse_save(self.text)
         lines: list[str] = []
         for table, chains in planned.tables.items():
             for chain, rules in chains.items():
@@ -119,16 +130,16 @@ class FamilyPlan:
                 lines.append(f"{table} {chain}: missing rule: -A {chain} {rule}")
         return lines
 
-    @cached_property
-    def initial_save(self) -> str | None:
-        """The save output before meshnet changed anything (None: it cannot be read).
-
-        Detection has just saved this backend (its probe adds and deletes one rule, no net
-        change), so that output is reused instead of running the save again.
+    def read_initial_save(self) -> str | None:
+        """The save output before meshnet changed anything (None: it cannot be read), read
+        once. Detection has just saved this backend (its kernel probe leaves no rule behind),
+        so that output is reused instead of running the save again.
         """
-        if self.runner is not None and self.runner.binary.saved is not None:
-            return self.runner.binary.saved
-        return self.read_save()
+        if "initial" not in self._read:
+            saved = self.runner.binary.saved if self.runner is not None else None
+            self._read["initial"] = saved if saved is not None else self.read_save()
+        found = self._read["initial"]
+        return found if isinstance(found, str) else None
 
     def read_save(self) -> str | None:
         if self.runner is None:
@@ -172,7 +183,7 @@ def assess(plans: list[FamilyPlan]) -> Assessment:
     whole_tables_missing = True
     drift: list[str] = []
     for plan in plans:
-        saved = plan.initial_save
+        saved = plan.read_initial_save()
         current = iptables_save.parse_save(saved) if saved is not None else None
         if current is None or current.is_empty:
             per_family.append((False, bool(plan.rules), bool(plan.rules)))
@@ -253,7 +264,7 @@ def _apply_all_or_nothing(
     RECONCILE and COMPLETE remove the planned rules first; only RECONCILE puts up guardrails."""
     reconcile = action in (Action.RECONCILE, Action.COMPLETE)
     active = [p for p in plans if p.rules]
-    snapshots = {p.family: p.initial_save or "" for p in active}
+    snapshots = {p.family: p.read_initial_save() or "" for p in active}
     sets = [s for p in active for s in p.sets]
     had_sets = ipset.existing() if sets else set()
     try:
@@ -359,7 +370,7 @@ def verify(opts: Options, ruleset: Ruleset) -> tuple[list[str], dict[str, str]]:
         for plan in plans:
             if not plan.rules:
                 continue
-            current = iptables_save.parse_save(plan.initial_save or "")
+            current = iptables_save.parse_save(plan.read_initial_save() or "")
             lines += [f"{plan.family} {line}" for line in plan.differences(current)]
         backends: dict[str, str] = {
             p.family: p.runner.binary.binary for p in plans if p.runner is not None
