@@ -81,7 +81,7 @@ def test_held_from_outside_locks_the_target_not_the_callers_namespace(ns: str) -
 def test_a_killed_holder_releases_the_lock(ns: str) -> None:
     code = (
         "import sys, time\n"
-        "from meshnet import netns, nslock\n"
+        "from meshnet.host import netns, nslock\n"
         "with netns.entered(sys.argv[1]), nslock.held():\n"
         "    print('held', flush=True)\n"
         "    time.sleep(60)\n"
