@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from meshnet.config.options import Options
-from meshnet.errors import MeshnetError
+from meshnet.errors import DriftError, MeshnetError
 
 if TYPE_CHECKING:
     from meshnet.explain import Explanation
@@ -40,8 +40,11 @@ __all__ = [
     "IptablesBackend",
     "NftablesBackend",
     "Request",
+    "Steps",
     "Verification",
+    "carry_out",
     "decide",
+    "drift_message",
     "kind",
     "select",
 ]
@@ -106,6 +109,45 @@ def decide(request: Request, assess: Callable[[], Assessment]) -> Decision:
         if found.ours_present:
             return Decision(Action.DRIFT, drift=found.drift)
     return Decision(Action.APPLY, forced=found.residue and not found.delta)
+
+
+@dataclass(frozen=True, slots=True)
+class Steps:
+    """What one engine does for each action of a decision."""
+
+    noun: str  # how its messages name its rules: "iptables", "nftables"
+    clean: Callable[[], None]
+    keep: Callable[[], None]  # the rules are in place: only what lives beside them (routes)
+    apply: Callable[[Decision], None]  # APPLY, RECONCILE or COMPLETE
+
+
+def carry_out(decision: Decision, steps: Steps) -> None:
+    """Both engines' answer to each action: the same logs, warnings and errors."""
+    from meshnet import logs
+
+    if decision.action is Action.CLEAN:
+        steps.clean()
+    elif decision.action is Action.NOOP:
+        logs.get().info(f"{steps.noun} rules already in place; nothing to apply")
+        steps.keep()
+    elif decision.action is Action.DRIFT:
+        raise DriftError(drift_message(steps.noun, decision.drift))
+    else:
+        if decision.forced:
+            logs.get().warning(FORCED)
+        if decision.action is Action.COMPLETE:
+            missing = "; ".join(decision.drift[:3])
+            logs.get().info("completing an interrupted apply", missing=missing)
+        steps.apply(decision)
+
+
+def drift_message(noun: str, drift: tuple[str, ...]) -> str:
+    shown = "; ".join(drift[:5])
+    more = f" (and {len(drift) - 5} more)" if len(drift) > 5 else ""
+    return (
+        f"existing {noun} rules differ from the plan: {shown}{more}. "
+        "Re-run with --reconcile to replace them, or see `meshnet verify` for the full diff"
+    )
 
 
 @dataclass(frozen=True, slots=True)

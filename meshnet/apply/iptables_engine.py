@@ -19,10 +19,10 @@ from functools import cached_property
 
 from meshnet import logs
 from meshnet.apply import ipset, routes
-from meshnet.apply.backend import FORCED, Action, Assessment, Decision, Request, decide
+from meshnet.apply.backend import Action, Assessment, Request, Steps, carry_out, decide
 from meshnet.apply.iptables_tool import IptablesRunner, detect
 from meshnet.config.options import Options
-from meshnet.errors import BackendError, DriftError, MeshnetError, NamespaceError, ReadBackError
+from meshnet.errors import BackendError, MeshnetError, NamespaceError, ReadBackError
 from meshnet.host import netns, nslock
 from meshnet.plan.cleanup import cleanup_commands
 from meshnet.plan.model import Family, IpSet, Rule, Ruleset
@@ -227,34 +227,13 @@ def program(opts: Options, ruleset: Ruleset) -> None:
 
 def _program(opts: Options, ruleset: Ruleset) -> None:
     plans = families(opts, ruleset)
-    decision = decide(Request.of(opts), lambda: assess(plans))
-    if decision.action is Action.CLEAN:
-        clean(opts, plans)
-    elif decision.action is Action.NOOP:
-        logs.get().info("rules already in place; nothing to apply")
-        routes.configure_for(opts)
-    elif decision.action is Action.DRIFT:
-        raise DriftError(_drift_message(decision.drift))
-    else:
-        _announce(decision)
-        _apply_all_or_nothing(opts, ruleset, plans, decision.action)
-
-
-def _announce(decision: Decision) -> None:
-    if decision.forced:
-        logs.get().warning(FORCED)
-    if decision.action is Action.COMPLETE:
-        # No guardrails: a kill while they are in would leave DROP rules that look in sync.
-        logs.get().info("completing an interrupted apply", missing="; ".join(decision.drift[:3]))
-
-
-def _drift_message(drift: tuple[str, ...]) -> str:
-    shown = "; ".join(drift[:5])
-    more = f" (and {len(drift) - 5} more)" if len(drift) > 5 else ""
-    return (
-        f"existing iptables rules differ from the plan: {shown}{more}. "
-        "Re-run with --reconcile to replace them, or see `meshnet verify` for the full diff"
+    steps = Steps(
+        "iptables",
+        clean=lambda: clean(opts, plans),
+        keep=lambda: routes.configure_for(opts),
+        apply=lambda decision: _apply_all_or_nothing(opts, ruleset, plans, decision.action),
     )
+    carry_out(decide(Request.of(opts), lambda: assess(plans)), steps)
 
 
 def _apply_all_or_nothing(

@@ -12,10 +12,10 @@ from collections.abc import Mapping
 
 from meshnet import logs
 from meshnet.apply import routes
-from meshnet.apply.backend import FORCED, Action, Assessment, Request, decide
+from meshnet.apply.backend import Assessment, Request, Steps, carry_out, decide
 from meshnet.apply.nft_tool import Nft
 from meshnet.config.options import Options
-from meshnet.errors import DriftError, MeshnetError, NamespaceError, ReadBackError
+from meshnet.errors import MeshnetError, NamespaceError, ReadBackError
 from meshnet.host import netns, nslock
 from meshnet.plan.nftables import TABLES, NftRuleset
 from meshnet.render import nft as render
@@ -33,21 +33,14 @@ def program(opts: Options, ruleset: NftRuleset) -> None:
 def _program(opts: Options, ruleset: NftRuleset) -> None:
     nft = Nft(cni_mode=opts.cni_mode)
     nft.require()
-    decision = decide(Request.of(opts), lambda: assess(ruleset, _live(nft)))
-    if decision.action is Action.CLEAN:
-        clean(opts, nft)
-    elif decision.action is Action.NOOP:
-        logs.get().info("nftables rules already in place; nothing to apply")
-        routes.configure_for(opts)
-    elif decision.action is Action.DRIFT:
-        raise DriftError(
-            f"existing nftables rules differ from the plan: {'; '.join(decision.drift[:5])}. "
-            "Re-run with --reconcile to replace them"
-        )
-    else:
-        if decision.forced:
-            logs.get().warning(FORCED)
-        _apply(opts, nft, ruleset)  # a transaction replaces the tables: reconciling is applying
+    steps = Steps(
+        "nftables",
+        clean=lambda: clean(opts, nft),
+        keep=lambda: routes.configure_for(opts),
+        # A transaction replaces the tables: reconciling is applying.
+        apply=lambda _decision: _apply(opts, nft, ruleset),
+    )
+    carry_out(decide(Request.of(opts), lambda: assess(ruleset, _live(nft))), steps)
 
 
 def assess(ruleset: NftRuleset, live: dict[str, Listing | None]) -> Assessment:

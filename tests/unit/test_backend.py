@@ -242,3 +242,38 @@ def test_the_dns_warning_is_logged_once(extra: list[str]) -> None:
     result = meshnet([*args, "--enable-ipv6", "false", "--dns-servers", ""])
     assert result.returncode == 0, result.stderr
     assert result.stderr.count(DNS_WARNING) == 1, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("decision", "done"),
+    [
+        (Decision(Action.CLEAN), ["clean"]),
+        (Decision(Action.NOOP), ["keep"]),
+        (Decision(Action.APPLY), ["apply apply"]),
+        (Decision(Action.RECONCILE, drift=("x",)), ["apply reconcile"]),
+        (Decision(Action.COMPLETE, drift=("x",)), ["apply complete"]),
+    ],
+)
+def test_carry_out_does_one_step_per_action(decision: Decision, done: list[str]) -> None:
+    seen: list[str] = []
+    steps = backend.Steps(
+        "nftables",
+        clean=lambda: seen.append("clean"),
+        keep=lambda: seen.append("keep"),
+        apply=lambda d: seen.append(f"apply {d.action.value}"),
+    )
+    backend.carry_out(decision, steps)
+    assert seen == done
+
+
+def test_carry_out_refuses_drift_with_the_engines_one_message() -> None:
+    drift = tuple(f"nat ISTIO_OUTPUT: missing rule {n}" for n in range(7))
+    steps = backend.Steps("nftables", clean=lambda: None, keep=lambda: None, apply=lambda d: None)
+    with pytest.raises(DriftError) as caught:
+        backend.carry_out(Decision(Action.DRIFT, drift=drift), steps)
+    assert str(caught.value) == (
+        "existing nftables rules differ from the plan: "
+        + "; ".join(drift[:5])
+        + " (and 2 more). Re-run with --reconcile to replace them, "
+        "or see `meshnet verify` for the full diff"
+    )
