@@ -25,7 +25,7 @@ from meshnet.config.options import Options
 from meshnet.errors import BackendError, MeshnetError, NamespaceError, ReadBackError
 from meshnet.host import netns, nslock
 from meshnet.plan.cleanup import cleanup_commands
-from meshnet.plan.model import Family, IpSet, Rule, Ruleset
+from meshnet.plan.model import TABLES, Family, IpSet, Rule, Ruleset
 from meshnet.render.restore import restore_lines
 from meshnet.state import iptables_save
 
@@ -200,15 +200,12 @@ def assess(plans: list[FamilyPlan]) -> Assessment:
     return Assessment(residue, delta, ours, tuple(drift), interrupted)
 
 
-_TABLES = frozenset({"raw", "mangle", "nat", "filter"})
-
-
 def _only_whole_tables_missing(current: iptables_save.State, lines: list[str]) -> bool:
     """Every difference is something missing from a table that holds no ISTIO_* chain."""
     ours = {table for table, _ in current.istio_chains()}
     return all(
         ": missing " in line  # a rule or chain of a table; an ipset's missing member is drift
-        and line.split()[0].rstrip(":") in _TABLES
+        and line.split()[0].rstrip(":") in TABLES
         and line.split()[0].rstrip(":") not in ours
         for line in lines
     )
