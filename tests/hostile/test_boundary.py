@@ -33,8 +33,8 @@ from tests.cni.fakes import mesh_pod
 from tests.hostile.corpus import CASES, Case, annotation_cases, cli_args, env_args
 from tests.support.cli import restore_blocks
 from tests.support.fakes import FakeSystem
+from tests.support.nft_sim import simulate
 from tests.support.restore_sim import simulate_restore
-from tests.unit.test_nftplan import simulate
 
 
 class ReadingSystem(FakeSystem):

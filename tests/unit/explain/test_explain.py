@@ -16,7 +16,7 @@ from meshnet.explain import conditions, probe
 from meshnet.plan import iptables, ir, nftables
 from tests.support.cli import meshnet
 from tests.support.fakes import FakeSystem
-from tests.unit.test_planner_properties import bools, env_values, flag_values
+from tests.support.strategies import bools, env_values, flag_values
 
 STANDARD = {
     "proxy_uid": "1337",

@@ -23,8 +23,9 @@ from meshnet.plan.nftables import IPV4_ONLY, MANGLE, NAT, RAW, NftRule, NftRules
 from meshnet.render import nft
 from tests.support.fakes import FakeSystem
 from tests.support.goldens import CASES
+from tests.support.nft_sim import Chains, simulate
 from tests.support.repo import IN_CI, REPO
-from tests.unit.test_planner_properties import env_values, flag_values
+from tests.support.strategies import env_values, flag_values
 
 GOLDENS = REPO / "tests" / "goldens"
 NFT_GOLDENS = ("standard", "tproxy", "dns-capture", "standard-dual-stack")
@@ -32,7 +33,6 @@ BASE = ["-p", "15001", "-z", "15006", "-e", "15008", "-u", "1337", "-g", "1337"]
 V6 = ["--enable-ipv6", "true"]
 V4 = ["--enable-ipv6", "false"]
 
-Chains = dict[str, dict[str, list[str]]]
 GUARD = " ".join(IPV4_ONLY)  # meshnet's first rule of each base chain with IPv6 off
 
 
@@ -61,45 +61,6 @@ def _ops(ruleset: NftRuleset, table: str, chain: str) -> list[NftRule]:
         for rule in ruleset.rules()
         if rule.table == table and rule.chain == chain and rule.spec != IPV4_ONLY
     ]
-
-
-def simulate(text: str) -> Chains:
-    """Apply a transaction text to an empty nft state.
-
-    `add rule` appends; `insert rule ... index N` puts the rule before rule N, which must exist
-    (nft refuses otherwise). A rule for an undeclared chain is an error, as in nft.
-    """
-    tables: Chains = {}
-    for line in text.splitlines():
-        words = line.split(" ")
-        verb, kind, family, table = words[:4]
-        assert family == "inet", line
-        if kind == "table":
-            if verb == "add":
-                tables.setdefault(table, {})
-            elif verb == "flush":
-                for rules in tables[table].values():
-                    rules.clear()
-            else:
-                assert verb == "delete", line
-                del tables[table]
-        elif kind == "chain":
-            assert verb == "add", line
-            tables[table].setdefault(words[4], [])
-        else:
-            assert kind == "rule", line
-            rules = tables[table][words[4]]
-            if verb == "add":
-                rules.append(" ".join(words[5:]))
-            else:
-                assert verb == "insert" and words[5] == "index", line
-                index = int(words[6])
-                assert 0 <= index < len(rules), f"nft would refuse: {line}"
-                rules.insert(index, " ".join(words[7:]))
-    return tables
-
-
-# --- insert-index conversion ------------------------------------------------------------------
 
 
 def test_first_insert_into_an_empty_chain_becomes_an_add() -> None:

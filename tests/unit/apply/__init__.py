@@ -1,0 +1,1 @@
+"""Unit tests of meshnet.apply (root-free: fakes stand in for the tools)."""

@@ -1,0 +1,1 @@
+"""Unit tests of meshnet.cni's pure parts (pod decisions, plugin config)."""
