@@ -38,14 +38,9 @@ def server_url(api: ApiServer) -> str:
 def read_token(service_account_dir: Path) -> str:
     """The service-account token, without surrounding whitespace (a bearer token has none)."""
     path = service_account_dir / "token"
-    try:
-        return path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        raise KubeconfigError(
-            f"service account token file {path} does not exist. Is this not running within a pod?"
-        ) from None
-    except OSError as err:
-        raise KubeconfigError(f"cannot read service account token {path}: {err.strerror}") from None
+    missing = f"service account token file {path} does not exist. Is this not running within a pod?"
+    data = _read(path, missing, f"cannot read service account token {path}")
+    return data.decode("utf-8").strip()
 
 
 def ca_path(api: ApiServer, service_account_dir: Path) -> Path:
@@ -53,14 +48,18 @@ def ca_path(api: ApiServer, service_account_dir: Path) -> Path:
 
 
 def read_ca(path: Path) -> bytes:
+    missing = f"file does not exist: {path} (set KUBE_CA_FILE, or SKIP_TLS_VERIFY=true)"
+    return _read(path, missing, f"cannot read CA file {path}")
+
+
+def _read(path: Path, missing: str, unreadable: str) -> bytes:
+    """A file's bytes; KubeconfigError with Istio's message when it is absent or unreadable."""
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise KubeconfigError(
-            f"file does not exist: {path} (set KUBE_CA_FILE, or SKIP_TLS_VERIFY=true)"
-        ) from None
+        raise KubeconfigError(missing) from None
     except OSError as err:
-        raise KubeconfigError(f"cannot read CA file {path}: {err.strerror}") from None
+        raise KubeconfigError(f"{unreadable}: {err.strerror}") from None
 
 
 def render(server: str, token: str, ca_data: bytes | None, plugin_name: str) -> str:
