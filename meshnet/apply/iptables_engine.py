@@ -95,7 +95,7 @@ class FamilyPlan:
     def structure_differences(self, current: iptables_save.State) -> list[str]:
         """Planned chains missing, ISTIO_* rule counts, and jumps missing from built-in chains."""
         lines = self._chain_differences(current)
-        for table, chains in iptables_save.parse_save(self.text).tables.items():
+        for table, chains in iptables_save.planned_state(self.rules).tables.items():
             for chain, rules in chains.items():
                 if not chain.startswith("ISTIO"):
                     have = iptables_save.jump_targets(current.rules(table, chain))
@@ -105,7 +105,7 @@ class FamilyPlan:
 
     def _chain_differences(self, current: iptables_save.State) -> list[str]:
         # The restore text's spelling: only chain names and rule counts are compared.
-        planned = iptables_save.parse_save(self.text)
+        planned = iptables_save.planned_state(self.rules)
         lines: list[str] = []
         for table, chains in planned.tables.items():
             for chain, rules in chains.items():
@@ -124,7 +124,7 @@ class FamilyPlan:
     def _differences_by_checks(self, current: iptables_save.State) -> list[str]:
         lines = self._chain_differences(current)
         runner = self.require_runner()
-        for command in iptables_save.check_commands(self.text):
+        for command in iptables_save.planned_checks(self.rules):
             if not runner.check(command):
                 table, chain, rule = command[1], command[3], " ".join(command[4:])
                 lines.append(f"{table} {chain}: missing rule: -A {chain} {rule}")

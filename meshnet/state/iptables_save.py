@@ -13,11 +13,11 @@ after putting the plan through the same tool (`IptablesRunner.canonicalize`).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from meshnet.plan.model import TABLES
+from meshnet.plan.model import TABLES, Rule, declared_chains
 
 __all__ = [
     "STATE_TABLES",
@@ -30,6 +30,8 @@ __all__ = [
     "jump_targets",
     "normalize_rule",
     "parse_save",
+    "planned_checks",
+    "planned_state",
     "plans_rules",
     "rule_line",
     "split_rule",
@@ -116,6 +118,28 @@ def _record_line(chains: dict[str, list[str]], line: str) -> None:
             if name.startswith(_ISTIO):
                 chains.setdefault(name, [])
             return
+
+
+def planned_state(rules: Sequence[Rule]) -> State:
+    """What GetStateFromSave reads from the restore text of these planned rules, built from the
+    rules themselves: per table (restore order), the declared ISTIO* chains, then each rule's
+    line under its chain."""
+    tables: dict[str, dict[str, list[str]]] = {name: {} for name in STATE_TABLES}
+    declared = declared_chains(rules)
+    for table in TABLES:
+        chains = tables[table]
+        for chain in declared.get(table, []):
+            if chain.startswith(_ISTIO):
+                chains.setdefault(chain, [])
+        for rule in rules:
+            if rule.table == table:
+                chains.setdefault(rule.chain, []).append(rule.line())
+    return from_tables(tables)
+
+
+def planned_checks(rules: Sequence[Rule]) -> list[tuple[str, ...]]:
+    """Istio's BuildCheckVx for planned rules: ``-t TABLE -C CHAIN ...``, restore order."""
+    return [("-t", r.table, "-C", r.chain, *r.spec) for t in TABLES for r in rules if r.table == t]
 
 
 def from_tables(tables: Mapping[str, Mapping[str, Iterable[str]]]) -> State:

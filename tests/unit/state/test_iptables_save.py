@@ -6,9 +6,12 @@ import random
 from collections.abc import Callable
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshnet.config import options
+from meshnet.plan import iptables
+from meshnet.render import restore
 from meshnet.state.iptables_save import (
     State,
     check_commands,
@@ -16,11 +19,15 @@ from meshnet.state.iptables_save import (
     diff_states,
     normalize_rule,
     parse_save,
+    planned_checks,
+    planned_state,
     plans_rules,
     split_rule,
     verify_state,
 )
+from tests.support.fakes import FakeSystem
 from tests.support.restore_sim import simulate_restore, state_from_restore
+from tests.support.strategies import env_values, flag_values
 
 # What iptables-nft-save prints after the restore below was applied (plus a foreign security
 # table and a non-Istio user chain).
@@ -470,3 +477,18 @@ def test_a_permutation_is_only_an_order_problem(targets: list[str], rng: random.
     lines = diff_states(parse_save(text(targets)), parse_save(text(shuffled)))
     assert all("out of order" in line for line in lines)
     assert bool(lines) == (shuffled != targets)
+
+
+@settings(max_examples=150, deadline=None)
+@given(flags=flag_values, env=env_values)
+def test_the_planned_state_is_what_istio_reads_from_the_restore_text(
+    flags: dict[str, str], env: dict[str, str]
+) -> None:
+    """The engine builds the expected State and `-C` checks from the typed rules; Istio reads
+    them back from the restore text (GetStateFromSave, BuildCheckVx): the same, always."""
+    ruleset = iptables.ruleset(options.build(options.gather(flags, env), FakeSystem()))
+    for family in ruleset.families():
+        rules = ruleset.rules(family)
+        text = "\n".join(restore.restore_lines(rules)) + "\n"
+        assert planned_state(rules) == parse_save(text)
+        assert planned_checks(rules) == check_commands(text)
