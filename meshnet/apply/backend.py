@@ -1,8 +1,8 @@
 """The rules backends: the one choice between iptables-restore and nft, and the one decision both
 engines make from what they find in the namespace.
 
-`select(opts)` picks the backend and plans for it alone. The engines (`engine` for
-iptables-restore, `nftengine` for nft) assess the live state, then act on `decide()`:
+`select(opts)` picks the backend and plans for it alone. The engines (`iptables_engine` for
+iptables-restore, `nft_engine` for nft) assess the live state, then act on `decide()`:
 
 - in sync: nothing to do (Istio's `residue && !delta`), unless --force-apply;
 - nothing of ours in the namespace: apply;

@@ -1,4 +1,4 @@
-"""The engine for --native-nftables: the same decisions as `engine`, on three inet tables.
+"""The engine for --native-nftables: the same decisions as `iptables_engine`, on three inet tables.
 
 A transaction replaces meshnet's tables atomically, so there is no rollback of half-applied
 rules to do: nft applies all of it or none of it. Live tables are compared with the plan after

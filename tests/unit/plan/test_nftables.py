@@ -1,4 +1,4 @@
-"""The nftables planner: Istio's quirks, properties, own goldens, nft --check.
+"""The nftables lowering of the plan: Istio's quirks, properties, own goldens, nft --check.
 
 Set MESHNET_REFRESH_GOLDENS=1 to rewrite tests/goldens/*.nft, then review the diff like code.
 """

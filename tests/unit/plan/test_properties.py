@@ -1,4 +1,4 @@
-"""Property tests: the planner never fails on valid options, and its restore text loads back
+"""Property tests: the plan never fails on valid options, and its restore text loads back
 into exactly the per-chain rule lists of the model (simulating iptables-restore --noflush)."""
 
 from __future__ import annotations
