@@ -111,23 +111,17 @@ _NFT_TABLES = {"raw": nftables.RAW, "mangle": nftables.MANGLE, "nat": nftables.N
 
 
 def _iptables_rule(rule: Rule, sets: cond.Sets) -> ParsedRule:
-    source = _source(rule.source)
+    source = ir.planned(rule.source)
     conditions = cond.conditions(source.matches, sets, nft=False)
     actions = cond.actions(source.target, lambda chain: chain)
     return ParsedRule(" ".join(rule.append_form()), rule.reason, conditions, actions)
 
 
 def _nft_rule(rule: NftRule, sets: cond.Sets) -> ParsedRule:
-    source = _source(rule.source)
+    source = ir.planned(rule.source)
     conditions = cond.conditions(source.matches, sets, nft=True)
     actions = cond.actions(source.target, chain_name)
     return ParsedRule(rule.text, rule.reason, conditions, actions)
-
-
-def _source(source: ir.Rule | None) -> ir.Rule:
-    if source is None:
-        raise ValueError("explain walks planned rules only (this one was not lowered from a plan)")
-    return source
 
 
 def _run(

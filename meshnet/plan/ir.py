@@ -111,6 +111,14 @@ class Plan(NamedTuple):
         return tuple(r for r in self.rules if r.scope in ("both", family))
 
 
+def planned(source: Rule | None) -> Rule:
+    """The IR rule a lowered rule came from; ValueError for a rule read back from the kernel
+    (explain and dot draw plans, not live state)."""
+    if source is None:
+        raise ValueError("only planned rules carry their IR rule (this one was read back)")
+    return source
+
+
 # Constructors the steps use; short, because the steps are read side by side with Istio's.
 
 

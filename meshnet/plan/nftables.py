@@ -33,6 +33,7 @@ MANGLE = "istio-proxy-mangle"
 RAW = "istio-proxy-raw"
 TABLES: tuple[str, ...] = (NAT, MANGLE, RAW)  # transaction order
 _TABLE: dict[ir.Table, str] = {"nat": NAT, "mangle": MANGLE, "raw": RAW}
+_SHORT = {name: short for short, name in _TABLE.items()}  # istio-proxy-nat -> nat
 COUNTER = "counter"  # constants.Counter: Istio puts it right before every verdict/statement
 # meshnet's own first rule of every base chain when IPv6 is off (`_ipv4_only`).
 IPV4_ONLY = ("meta", "nfproto", "ipv6", COUNTER, "return")
@@ -315,7 +316,7 @@ def _ipv4_only(table: NftTable) -> NftTable:
     simply not programmed. The guard is inserted at index 0 as each table's last operation, so
     it ends up first whatever Istio's own inserts did, and no other operation changes.
     """
-    short = next(k for k, v in _TABLE.items() if v == table.name)
+    short = _SHORT[table.name]
     guards = tuple(
         rule(_guard(short, chain.name.upper())) for chain in table.chains if chain.is_base
     )

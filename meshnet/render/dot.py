@@ -157,19 +157,13 @@ def _iptables_table(table: str, chains: dict[str, list[Rule]], declared: list[st
 
 
 def _iptables_row(rule: Rule, user_chains: Collection[str]) -> _Row:
-    source = _source(rule.source)
+    source = ir.planned(rule.source)
     target = source.target
     jump = target.chain if target.kind == "jump" and target.chain in user_chains else None
     kind: Kind = "chain" if jump else _KINDS[target.kind]
     summary = ", ".join(_summary(m) for m in iptables.effective(source.matches)) or "*"
     text = " ".join(rule.append_form())
     return _Row(summary, _iptables_target(target), kind, rule.reason, text, jump)
-
-
-def _source(source: ir.Rule | None) -> ir.Rule:
-    if source is None:
-        raise ValueError("dot draws planned rules only (this one was not lowered from a plan)")
-    return source
 
 
 def _summary(m: ir.Match) -> str:
@@ -233,7 +227,7 @@ def _base_caption(chain: NftChain) -> str:
 def _nft_row(rule: NftRule, user_chains: Collection[str]) -> _Row:
     from meshnet.plan import nftables  # only for the nft plan
 
-    source = _source(rule.source)
+    source = ir.planned(rule.source)
     matched, verdict = nftables.parts(source)
     target = source.target
     chain = nftables.chain_name(target.chain) if target.kind == "jump" else None

@@ -28,6 +28,17 @@ STANDARD_ARGS = (
     "-d",
     "15090,15021,15020",
 )
+# The same, as option keys (what `options.gather` takes); IPv6 is left to each test.
+STANDARD_FLAGS = {
+    "envoy_port": "15001",
+    "inbound_capture_port": "15006",
+    "proxy_uid": "1337",
+    "inbound_interception_mode": "REDIRECT",
+    "service_cidr": "*",
+    "service_exclude_cidr": "",
+    "inbound_ports": "*",
+    "local_exclude_ports": "15090,15021,15020",
+}
 
 
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

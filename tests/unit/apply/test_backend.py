@@ -13,6 +13,7 @@ from meshnet.config import options
 from meshnet.config.options import Options
 from meshnet.errors import BackendError, DriftError, ReadBackError
 from tests.support import STANDARD_ARGS, meshnet
+from tests.support.cli import STANDARD_FLAGS
 from tests.support.fakes import FakeSystem
 
 DRIFT = ("ipv4 nat ISTIO_OUTPUT: 4 rules, 5 planned",)
@@ -22,17 +23,7 @@ FOREIGN = Assessment(residue=True, delta=True, ours_present=False)
 DRIFTED = Assessment(residue=True, delta=True, ours_present=True, drift=DRIFT)
 INTERRUPTED = Assessment(residue=True, delta=True, ours_present=True, drift=DRIFT, interrupted=True)
 NOTHING = Assessment(residue=False, delta=False, ours_present=False)  # nft: no plan, no tables
-STANDARD = {
-    "proxy_port": "15001",
-    "inbound_capture_port": "15006",
-    "proxy_uid": "1337",
-    "inbound_interception_mode": "REDIRECT",
-    "service_cidr": "*",
-    "service_exclude_cidr": "",
-    "inbound_ports": "*",
-    "local_exclude_ports": "15090,15021,15020",
-    "enable_ipv6": "false",
-}
+STANDARD = {**STANDARD_FLAGS, "enable_ipv6": "false"}
 DNS_WARNING = "REDIRECT_DNS is set, but CAPTURE_ALL_DNS is false"
 
 

@@ -14,19 +14,11 @@ from meshnet.config import options
 from meshnet.errors import OptionError
 from meshnet.explain import conditions, probe
 from meshnet.plan import iptables, ir, nftables
-from tests.support.cli import meshnet
+from tests.support.cli import STANDARD_FLAGS, meshnet
 from tests.support.fakes import FakeSystem
 from tests.support.strategies import bools, env_values, flag_values
 
-STANDARD = {
-    "proxy_uid": "1337",
-    "inbound_interception_mode": "REDIRECT",
-    "service_cidr": "*",
-    "service_exclude_cidr": "",
-    "inbound_ports": "*",
-    "local_exclude_ports": "15090,15021,15020",
-    "enable_ipv6": "true",
-}
+STANDARD = {**STANDARD_FLAGS, "enable_ipv6": "true"}
 
 
 def _both(flags: dict[str, str], spec: str) -> tuple[explain.Verdict, explain.Verdict]:
